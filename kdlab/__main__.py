@@ -1,0 +1,107 @@
+"""``python -m kdlab``: the Hydra app that runs one knowledge-distillation pipeline per job.
+
+    python -m kdlab                                    # the default: DGKD on Fashion-MNIST
+    python -m kdlab +experiment=dgkd_cifar100          # a paper recipe
+    python -m kdlab -m +experiment=dgkd_fashion_mnist seed=0,1,2 distill.temperature=2,4
+
+Exit status: 0 success, 2 bad configuration or input (one line on stderr), 1 runtime failure (missing
+data, NaN loss, I/O), 1 for a sweep in which any job failed. Tracebacks only with ``debug=true`` or
+HYDRA_FULL_ERROR=1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from kdlab.hydra_app import CONF_DIR, STATE, report
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    return "; ".join(lines) if lines else "invalid configuration"
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*is deprecated.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
+                 "lightning.pytorch.utilities.rank_zero", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose the config once before Hydra runs it, so bad overrides end with one line and exit 2."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from kdlab.config import validate_config
+    from kdlab.errors import KdlabError
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        raise
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path \
+            or args.config_dir or args.experimental_rerun:
+        return
+    STATE["multirun"] = bool(args.multirun)
+    overrides: list[str] = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra's parser errors
+        report(_one_line(e), 2)
+        sys.exit(2)
+    for ov, text in zip(parsed, args.overrides):
+        if ov.key_or_group.startswith("hydra"):
+            continue
+        if ov.is_sweep_override():
+            try:
+                first = next(iter(ov.sweep_string_iterator()))
+            except Exception:  # noqa: BLE001 - e.g. optuna's interval(): nothing to check here
+                continue
+            overrides.append(f"{ov.get_key_element()}={first}")
+        else:
+            overrides.append(text)
+    debug = False
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=args.config_name or "config", overrides=overrides)
+        GlobalHydra.instance().clear()
+        debug = bool(cfg.get("debug"))
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        validate_config(plain)
+    except KdlabError as e:
+        if debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report(str(e), e.exit_code)
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf composition errors are config errors
+        if debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report(_one_line(e), 2)
+        sys.exit(2)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def main() -> None:
+    _quiet_libraries()
+    from kdlab.hydra_app import hydra_entry, register_configs
+
+    register_configs()
+    preflight(sys.argv[1:])
+    hydra_entry()
+    sys.exit(STATE["exit"])
+
+
+if __name__ == "__main__":
+    main()

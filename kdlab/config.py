@@ -1,0 +1,76 @@
+"""Config checks that run before anything trains: bad values end with one clear line (exit status 2)."""
+from __future__ import annotations
+
+from typing import Any
+
+from kdlab.distill import STRATEGIES, SCHEDULES, SourceSelector
+from kdlab.distill.losses import KL_REDUCTIONS
+from kdlab.errors import ConfigError
+from kdlab.models import MODELS
+from kdlab.pipeline.spec import StageSpec, build_stages
+
+
+def _positive(value: Any, name: str, integer: bool = False) -> None:
+    try:
+        ok = float(value) > 0 and (not integer or float(value) == int(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        kind = "a positive integer" if integer else "> 0"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+
+
+def validate_distill(d: dict[str, Any], where: str = "distill") -> None:
+    STRATEGIES.get(str(d.get("strategy", "kd")))
+    t = d.get("temperature", 4.0)
+    try:
+        t_ok = float(t) > 0
+    except (TypeError, ValueError):
+        t_ok = False
+    if not t_ok:
+        raise ConfigError(f"{where}.temperature must be > 0, got {t!r}")
+    for key in ("lam", "lam_end"):
+        v = d.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0):
+            raise ConfigError(f"{where}.{key} (lambda) must be in [0, 1], got {v!r}")
+    SCHEDULES.get(str(d.get("lam_schedule", "constant")))
+    if str(d.get("kl_reduction", "batchmean")) not in KL_REDUCTIONS:
+        raise ConfigError(f"unknown {where}.kl_reduction {d.get('kl_reduction')!r}; known: "
+                          f"{', '.join(KL_REDUCTIONS)}")
+    if str(d.get("ce_weight", "code")) not in ("paper", "code"):
+        raise ConfigError(f"unknown {where}.ce_weight {d.get('ce_weight')!r}; known: code, paper")
+    ls = d.get("label_smoothing", 0.0)
+    if not 0.0 <= float(ls) < 1.0:
+        raise ConfigError(f"{where}.label_smoothing must be in [0, 1), got {ls!r}")
+
+
+def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
+    """Checks that need the stage list: model names, epochs, learning rates, strategies, stochastic settings."""
+    data = cfg.get("data") or {}
+    _positive(data.get("batch_size"), "data.batch_size", integer=True)
+    for s in specs:
+        MODELS.get(s.arch)
+        _positive(s.max_epochs, f"trainer.max_epochs (stage {s.name})", integer=True)
+        lr = s.optimizer.get("lr")
+        if lr is not None:
+            _positive(lr, f"optimizer.lr (stage {s.name})")
+        n = s.model.get("on_the_fly_n")
+        if n is not None:
+            _positive(n, f"on_the_fly_n (stage {s.name})", integer=True)
+        if s.sources:
+            validate_distill(s.distill)
+        if s.stochastic:
+            st = s.stochastic
+            SourceSelector(s.sources, mode=st.get("mode", "none"), p=st.get("p", 0.75), k=st.get("k", 1),
+                           include_teacher=st.get("include_teacher", True), min_keep=st.get("min_keep", 0),
+                           stage=s.name)
+
+
+def validate_config(cfg: dict[str, Any]) -> list[StageSpec]:
+    """Everything that can be checked from the config alone (no data, no models built)."""
+    specs = build_stages(cfg)
+    validate_stages(specs, cfg)
+    top = cfg.get("distill") or {}
+    if top:
+        validate_distill(top)
+    return specs

@@ -1,0 +1,42 @@
+"""DGKD: densely guided KD -- every earlier stage teaches, and the KD terms are summed.
+
+    paper: L = (n+1)(1 - lambda) * CE + lambda * sum_sources T^2 KL(p_src || p_s)
+    code:  L =       (1 - lambda) * CE + lambda * sum_sources T^2 KL(p_src || p_s)
+
+``n + 1`` is the number of sources of the stage (teacher plus TAs). ``ce_weight`` picks the form.
+Stochastic teaching removes terms of dropped sources (the module never runs them); the sum is over the
+sources that teach the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdlab.distill.base import STRATEGIES, LossTerms, Strategy
+from kdlab.distill.losses import kd_loss
+from kdlab.errors import ConfigError
+
+CE_WEIGHTS = ("paper", "code")
+
+
+@STRATEGIES.register("dgkd")
+class DenselyGuidedKD(Strategy):
+    name = "dgkd"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.ce_weight = str(cfg.get("ce_weight", "code"))
+        if self.ce_weight not in CE_WEIGHTS:
+            raise ConfigError(f"unknown distill.ce_weight {self.ce_weight!r}; known: {', '.join(CE_WEIGHTS)}")
+
+    def loss_terms(self, student, sources, y, progress) -> LossTerms:
+        lam = self.lam_at(progress)
+        ce = F.cross_entropy(student.logits, y, label_smoothing=float(self.cfg.get("label_smoothing", 0.0)))
+        if sources:
+            kd = torch.stack([kd_loss(student.logits, s.logits, self.temperature, self.kl_reduction)
+                              for s in sources.values()]).sum()
+        else:
+            kd = ce.new_zeros(())
+        n_sources = max(len(self.ctx.source_names), 1)
+        ce_w = (1.0 - lam) * (n_sources if self.ce_weight == "paper" else 1.0)
+        return {"ce": ce, "kd": kd}, {"ce": ce_w, "kd": lam}

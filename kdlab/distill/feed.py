@@ -1,0 +1,95 @@
+"""FEED: feature-level ensemble distillation (Park and Kwak), parallel and sequential.
+
+The student carries one translator per source: three 3x3 convolutions, each followed by
+LeakyReLU(0.1), mapping the student's tapped feature map to that source's channel count. Spatial sizes
+are matched by adaptive average pooling (student larger) or bilinear interpolation (student smaller).
+
+    L = CE + beta * reduce_k L1(normalize(flatten(Tr_k(F_s))), normalize(flatten(F_k)))
+          [+ lambda-weighted logit KD from the same sources when ``feed.logit_kd`` is true]
+
+``reduce`` is ``sum`` (default) or ``mean`` over the sources teaching the batch. Translators train with
+the student and are dropped when the student is exported.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdlab.distill.base import STRATEGIES, LossTerms, Strategy
+from kdlab.distill.losses import feature_l1, kd_loss
+from kdlab.errors import ConfigError
+
+REDUCTIONS = ("sum", "mean")
+
+
+class Translator(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.1),
+        )
+
+
+def match_spatial(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@STRATEGIES.register("feed")
+class FEED(Strategy):
+    name = "feed"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        feed = dict(cfg.get("feed") or {})
+        self.beta = float(feed.get("beta", 500.0))
+        self.reduce = str(feed.get("reduce", "sum"))
+        self.logit_kd = bool(feed.get("logit_kd", False))
+        self.student_tap = str(feed.get("student_tap", "prepool"))
+        self.source_tap = str(feed.get("source_tap", "prepool"))
+        if self.reduce not in REDUCTIONS:
+            raise ConfigError(f"unknown distill.feed.reduce {self.reduce!r}; known: {', '.join(REDUCTIONS)}")
+        if self.beta < 0:
+            raise ConfigError(f"distill.feed.beta must be >= 0, got {self.beta}")
+        s_shape = ctx.student_feature_shapes.get(self.student_tap)
+        self.translators = nn.ModuleDict()
+        self._target_sizes: dict[str, tuple[int, int]] = {}
+        for name in ctx.source_names:
+            t_shape = ctx.source_feature_shapes.get(name, {}).get(self.source_tap)
+            if s_shape is None or t_shape is None or len(s_shape) != 3 or len(t_shape) != 3:
+                raise ConfigError(f"FEED needs 4-d feature maps at tap {self.student_tap!r} (student) and "
+                                  f"{self.source_tap!r} (source {name!r}); got {s_shape} and {t_shape}")
+            self.translators[name] = Translator(s_shape[0], t_shape[0])
+            self._target_sizes[name] = (t_shape[1], t_shape[2])
+
+    def student_taps(self) -> list[str]:
+        return [self.student_tap]
+
+    def source_taps(self) -> list[str]:
+        return [self.source_tap]
+
+    def loss_terms(self, student, sources, y, progress) -> LossTerms:
+        ce = F.cross_entropy(student.logits, y, label_smoothing=float(self.cfg.get("label_smoothing", 0.0)))
+        f_s = student.features[self.student_tap]
+        per_source = [feature_l1(match_spatial(self.translators[name](f_s), self._target_sizes[name]),
+                                 out.features[self.source_tap])
+                      for name, out in sources.items()]
+        if per_source:
+            feat = torch.stack(per_source)
+            feat = feat.sum() if self.reduce == "sum" else feat.mean()
+        else:
+            feat = ce.new_zeros(())
+        terms = {"ce": ce, "feed": feat}
+        weights = {"ce": 1.0, "feed": self.beta}
+        if self.logit_kd:
+            lam = self.lam_at(progress)
+            kd = (torch.stack([kd_loss(student.logits, s.logits, self.temperature, self.kl_reduction)
+                               for s in sources.values()]).mean() if sources else ce.new_zeros(()))
+            terms["kd"] = kd
+            weights["ce"], weights["kd"] = 1.0 - lam, lam
+        return terms, weights

@@ -1,0 +1,153 @@
+"""Walks a pipeline's stages in order: reuses finished stages from the store, trains the missing ones,
+and writes the run's ``results.json``."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import kdlab
+from kdlab.config import validate_stages
+from kdlab.data import build_datamodule
+from kdlab.errors import KdlabError
+from kdlab.models import build_model
+from kdlab.pipeline.spec import StageSpec, build_stages
+from kdlab.pipeline.train import (
+    RunContext, build_stage_model, count_params, import_checkpoint, stage_description, train_stage,
+)
+from kdlab.store import StageRecord, StageStore, atomic_write_json, stage_key
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = 1
+STAGE_FIELDS = ("params", "epochs", "best_epoch", "val_acc", "test_acc", "test_acc_last", "train_seconds",
+                "samples_per_second", "val_curve", "extra_params")
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def new_results(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    return {
+        "schema": RESULTS_SCHEMA, "kdlab_version": kdlab.__version__,
+        "experiment": cfg.get("experiment_name") or "default", "method": cfg.get("method"),
+        "dataset": (cfg.get("data") or {}).get("name"), "seed": cfg.get("seed"), "overrides": overrides,
+        "status": "running", "stages": [], "final": None, "wall_seconds": None,
+        "config": {k: v for k, v in flatten({k: cfg[k] for k in cfg if k not in ("hydra", "paths")}).items()
+                   if not isinstance(v, list) or len(v) < 20},
+    }
+
+
+def warn_if_growing(specs: list[StageSpec], dm: Any) -> None:
+    """A teacher is normally larger than its students: say so when a chain grows instead of shrinking."""
+    sizes = {}
+    for s in specs:
+        m = s.model
+        sizes[s.name] = count_params(build_model(m["arch"], num_classes=dm.num_classes, in_channels=dm.in_channels,
+                                                 input_size=dm.image_size, on_the_fly=bool(m.get("on_the_fly")),
+                                                 on_the_fly_n=m.get("on_the_fly_n"),
+                                                 on_the_fly_mode=m.get("on_the_fly_mode", "row"),
+                                                 **dict(m.get("kwargs") or {})))
+    for s in specs:
+        for src in s.sources:
+            if sizes[src] < sizes[s.name]:
+                log.warning("pipeline grows: %s (%s, %d params) teaches the larger %s (%s, %d params)", src,
+                            next(x.arch for x in specs if x.name == src), sizes[src], s.name, s.arch,
+                            sizes[s.name])
+
+
+def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    meta = record.meta
+    out = {"name": spec.name, "role": spec.role, "arch": spec.arch, "sources": spec.sources,
+           "on_the_fly": bool(spec.model.get("on_the_fly")), "store_key": record.key, "cached": cached}
+    out.update({k: meta.get(k) for k in STAGE_FIELDS})
+    out["checkpoint"] = str(record.weights_path)
+    out["csv_log"] = extra.get("csv_log")
+    return out
+
+
+def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: list[str] | None = None
+                 ) -> dict[str, Any]:
+    """Run every stage of the configured pipeline; always leaves a results.json (completed or failed)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = new_results(plain, list(overrides or []))
+    results_path = run_dir / "results.json"
+    t0 = time.perf_counter()
+    try:
+        specs = build_stages(plain)
+        validate_stages(specs, plain)
+        store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
+                                                                        .get("on_corrupt", "retrain")))
+        data_cfg = {k: v for k, v in plain["data"].items() if k != "batch_size"}
+        dm = build_datamodule(data_cfg, batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
+        dm.prepare_data()
+        dm.setup("fit")
+        results["dataset"] = getattr(dm, "name", results["dataset"])
+        warn_if_growing(specs, dm)
+        ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
+                         dataset=str(results["dataset"]), group=run_group(plain, run_dir))
+        done: dict[str, tuple[StageSpec, StageRecord]] = {}
+        for spec in specs:
+            sources = {name: done[name] for name in spec.sources}
+            description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
+            key = stage_key(description)
+            with store.lock(key, spec.name):
+                record = store.lookup(key, spec.name)
+                cached, extra = record is not None, {}
+                if record is None:
+                    log.info("stage %s (%s): training, store key %s", spec.name, spec.arch, key)
+                    if spec.checkpoint:
+                        record = import_checkpoint(spec, key, ctx, description)
+                    else:
+                        record, extra = train_stage(spec, key, sources, ctx, description)
+                else:
+                    log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
+            done[spec.name] = (spec, record)
+            results["stages"].append(stage_result(spec, record, cached, extra))
+            atomic_write_json(results_path, results)  # progress, still status "running"
+        last = results["stages"][-1]
+        results["final"] = {"stage": last["name"], "test_acc": last["test_acc"],
+                            "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"]}
+        results["status"] = "completed"
+    except BaseException as e:  # record every failure, then let the caller report it
+        results["status"] = "failed"
+        results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
+            type(e).__name__
+        if not isinstance(e, KdlabError):
+            results["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        results["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        try:
+            atomic_write_json(results_path, results)
+        except OSError as write_error:
+            log.error("cannot write %s: %s", results_path, write_error)
+    return results
+
+
+def run_group(cfg: dict[str, Any], run_dir: Path) -> str:
+    """The W&B group of a run: experiment name plus the run directory's tail (unique per run)."""
+    name = cfg.get("experiment_name") or "default"
+    tail = "-".join(run_dir.resolve().parts[-3:])
+    return f"{name}-{tail}"
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+__all__ = ["run_pipeline", "build_stage_model"]

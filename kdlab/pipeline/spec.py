@@ -1,0 +1,180 @@
+"""Stage specs: a pipeline config turned into an ordered list of stages.
+
+    pipeline.chain     [plain10, plain8, ...]  models, largest first (a name or {arch, on_the_fly, ...})
+    pipeline.topology  single | direct | sequential | dense | ensemble | custom
+    pipeline.names     optional stage names (default teacher, ta1..taN, student)
+    pipeline.roles     optional roles (default teacher / ta / student)
+    pipeline.stages    custom graphs: [{name, model, sources: [names], role, distill, ...}]
+    pipeline.ensemble  K: the first chain model as K teachers (seeds seed..seed+K-1) -> the student
+    pipeline.generations G: G generations of the first chain model, each taught by the previous one
+    pipeline.per_stage {stage name: {distill: {...}, optimizer: {...}, scheduler: {...}, max_epochs, model,
+                        seed_offset}}  overrides for one stage
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdlab.errors import ConfigError
+from kdlab.pipeline.topology import TOPOLOGIES
+
+MODEL_DEFAULTS = {"on_the_fly": False, "on_the_fly_n": None, "on_the_fly_mode": "row", "kwargs": {}}
+ROLES = ("teacher", "ta", "pacemaker", "student")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    role: str
+    model: dict[str, Any]
+    sources: list[str]
+    distill: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    max_epochs: int
+    seed: int
+    stochastic: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return str(self.model["arch"])
+
+
+def model_spec(entry: Any) -> dict[str, Any]:
+    """Normalize a chain entry (a zoo name or a mapping with ``arch``) to a full model spec."""
+    if isinstance(entry, str):
+        spec = {"arch": entry}
+    elif isinstance(entry, dict) and "arch" in entry:
+        spec = dict(entry)
+    else:
+        raise ConfigError(f"a chain entry must be a model name or a mapping with 'arch', got {entry!r}")
+    out = {**copy.deepcopy(MODEL_DEFAULTS), **spec}
+    out["kwargs"] = dict(out.get("kwargs") or {})
+    return out
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def default_names(n: int, topology: str) -> list[str]:
+    if n == 1:
+        return ["student"]
+    if topology == "ensemble":
+        return [f"teacher{i + 1}" for i in range(n - 1)] + ["student"]
+    return ["teacher"] + [f"ta{i}" for i in range(1, n - 1)] + ["student"]
+
+
+def default_role(name: str, index: int, n: int, topology: str) -> str:
+    if index == n - 1:
+        return "student"
+    if index == 0 or topology == "ensemble":
+        return "teacher"
+    return "pacemaker" if name.startswith("pacemaker") else "ta"
+
+
+def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
+    """Turn the resolved run config (a plain dict) into the ordered stage specs."""
+    p = cfg["pipeline"]
+    topology = str(p.get("topology", "dense"))
+    TOPOLOGIES.get(topology)  # unknown -> ConfigError listing the known ones
+    seed = int(cfg.get("seed", 0))
+    distill = dict(cfg.get("distill") or {})
+    stochastic = dict(distill.pop("stochastic", None) or {"mode": "none"})
+    stochastic_stages = list(stochastic.pop("stages", None) or ["student"])
+    distill.pop("cache", None)
+    per_stage = dict(p.get("per_stage") or {})
+
+    if topology == "custom":
+        entries = list(p.get("stages") or [])
+        if not entries:
+            raise ConfigError("pipeline.topology=custom needs pipeline.stages: [{name, model, sources}, ...]")
+        names = [str(e.get("name", "")) for e in entries]
+        models = [model_spec(e.get("model")) for e in entries]
+        sources = [list(e.get("sources") or []) for e in entries]
+        roles = [e.get("role") for e in entries]
+        offsets = [int(e.get("seed_offset", 0)) for e in entries]
+        for e in entries:  # per-stage settings may sit inline in a custom stage
+            if e.get("name"):
+                per_stage[e["name"]] = deep_merge(per_stage.get(e["name"], {}),
+                                                  {k: v for k, v in e.items()
+                                                   if k in ("distill", "optimizer", "scheduler", "max_epochs")})
+    else:
+        chain = list(p.get("chain") or [])
+        k = p.get("ensemble")
+        g = p.get("generations")
+        if k is not None and topology == "ensemble":
+            if not chain:
+                raise ConfigError("pipeline.ensemble needs pipeline.chain=[teacher_arch, student_arch]")
+            if int(k) < 1:
+                raise ConfigError(f"pipeline.ensemble must be >= 1 teachers, got {k}")
+            chain = [chain[0]] * int(k) + [chain[-1]]
+            offsets = list(range(int(k))) + [0]
+        elif g is not None:
+            if int(g) < 2:
+                raise ConfigError(f"pipeline.generations must be >= 2, got {g}")
+            if not chain:
+                raise ConfigError("pipeline.generations needs pipeline.chain=[arch]")
+            chain = [chain[0]] * int(g)
+            offsets = list(range(int(g)))
+        else:
+            offsets = [0] * len(chain)
+        n = len(chain)
+        if topology == "single":
+            if n != 1:
+                raise ConfigError(f"pipeline.topology=single trains one model; got pipeline.chain={chain}")
+        elif n < 2:
+            raise ConfigError(f"pipeline.chain needs at least 2 models (teacher and student) for "
+                              f"topology={topology}, got {chain}")
+        names = [str(x) for x in (p.get("names") or default_names(n, topology))]
+        if len(names) != n:
+            raise ConfigError(f"pipeline.names has {len(names)} names for a chain of {n} models")
+        models = [model_spec(e) for e in chain]
+        sources = [[names[j] for j in src] for src in TOPOLOGIES.get(topology)(n)]
+        roles = list(p.get("roles") or [None] * n)
+
+    n = len(names)
+    if len(set(names)) != n or any(not x for x in names):
+        raise ConfigError(f"stage names must be unique and non-empty, got {names}")
+    for unknown in sorted(set(per_stage) - set(names)):
+        raise ConfigError(f"pipeline.per_stage names unknown stage {unknown!r}; stages: {', '.join(names)}")
+    specs: list[StageSpec] = []
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        for s in sources[i]:
+            if s not in seen:
+                raise ConfigError(f"stage {name!r} is taught by {s!r}, which is not an earlier stage; "
+                                  f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
+        role = roles[i] or default_role(name, i, n, topology)
+        if role not in ROLES:
+            raise ConfigError(f"unknown stage role {role!r} for stage {name!r}; known: {', '.join(ROLES)}")
+        over = dict(per_stage.get(name) or {})
+        stage_distill = deep_merge(distill, over.get("distill"))
+        stage_stochastic = None
+        if sources[i] and (name in stochastic_stages or role in stochastic_stages):
+            stage_stochastic = deep_merge(stochastic, (over.get("distill") or {}).get("stochastic"))
+            stage_stochastic.pop("stages", None)
+            if stage_stochastic.get("mode", "none") == "none":
+                stage_stochastic = None
+        stage_distill.pop("stochastic", None)
+        stage_distill.pop("cache", None)
+        if not sources[i]:
+            stage_distill = {"strategy": "ce", "label_smoothing": distill.get("label_smoothing", 0.0)}
+        model = deep_merge(models[i], over.get("model"))
+        max_epochs = int(over.get("max_epochs", cfg["trainer"].get("max_epochs", 1)))
+        specs.append(StageSpec(
+            name=name, role=role, model=model, sources=list(sources[i]), distill=stage_distill,
+            optimizer=deep_merge(dict(cfg["optimizer"]), over.get("optimizer")),
+            scheduler=deep_merge(dict(cfg["scheduler"]), over.get("scheduler")),
+            max_epochs=max_epochs, seed=seed + offsets[i] + int(over.get("seed_offset", 0)),
+            stochastic=stage_stochastic,
+            checkpoint=(p.get("teacher_checkpoint") if i == 0 and topology != "custom" else None),
+        ))
+        seen.add(name)
+    return specs

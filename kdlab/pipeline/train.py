@@ -1,0 +1,283 @@
+"""Training (or importing) one stage, and evaluating it on the validation and test splits."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+
+from kdlab.callbacks import progress_callbacks
+from kdlab.distill import SourceSelector, build_strategy
+from kdlab.distill.base import StrategyContext
+from kdlab.errors import ConfigError, TrainingError
+from kdlab.loggers import build_loggers, finish_loggers
+from kdlab.models import build_model, feature_shapes
+from kdlab.modules import DistillModule, SourceBank, SupervisedModule
+from kdlab.pipeline.spec import StageSpec
+from kdlab.store import StageRecord, StageStore, canonical_json, load_weights, sha256_file
+
+log = logging.getLogger(__name__)
+
+# Trainer arguments that do not change what a stage learns (kept out of the store key).
+NON_SEMANTIC_TRAINER_KEYS = {
+    "accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar", "log_every_n_steps",
+    "enable_model_summary", "benchmark", "default_root_dir", "max_epochs", "num_sanity_val_steps",
+    "enable_checkpointing", "logger", "callbacks", "sync_batchnorm",
+}
+
+
+@dataclass
+class RunContext:
+    cfg: dict[str, Any]
+    run_dir: Path
+    store: StageStore
+    dm: Any
+    method: str
+    dataset: str
+    group: str
+
+
+def build_stage_model(spec: StageSpec, dm: Any) -> nn.Module:
+    m = spec.model
+    return build_model(m["arch"], num_classes=dm.num_classes, in_channels=dm.in_channels,
+                       input_size=dm.image_size, on_the_fly=bool(m.get("on_the_fly")),
+                       on_the_fly_n=m.get("on_the_fly_n"), on_the_fly_mode=m.get("on_the_fly_mode", "row"),
+                       **dict(m.get("kwargs") or {}))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) -> dict[str, Any]:
+    """Everything that determines a stage's weights; its hash is the store key."""
+    cfg, dm = ctx.cfg, ctx.dm
+    trainer = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in NON_SEMANTIC_TRAINER_KEYS}
+    desc: dict[str, Any] = {
+        "model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
+        "input_size": dm.image_size, "data": dm.fingerprint(), "batch_size": cfg["data"]["batch_size"],
+        "sources": source_keys, "distill": spec.distill, "stochastic": spec.stochastic,
+        "optimizer": spec.optimizer, "scheduler": spec.scheduler, "max_epochs": spec.max_epochs,
+        "seed": spec.seed, "trainer": trainer,
+    }
+    if spec.checkpoint:
+        desc = {"model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
+                "input_size": dm.image_size, "data": dm.fingerprint(),
+                "checkpoint_sha256": sha256_file(Path(spec.checkpoint))}
+    return desc
+
+
+def trainer_kwargs(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
+    kw = {k: v for k, v in (ctx.cfg.get("trainer") or {}).items()}
+    kw["max_epochs"] = spec.max_epochs
+    kw["precision"] = resolve_precision(kw.get("precision", "auto"), compute_device(ctx))
+    kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("enable_model_summary", False)
+    return kw
+
+
+def resolve_precision(precision: Any, device: torch.device) -> Any:
+    """``auto``: bf16-mixed on a GPU that supports bf16 (measured fastest there), else fp32 (CPU)."""
+    if str(precision) != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+# -- source-output cache -----------------------------------------------------------------------------
+def cache_enabled(ctx: RunContext) -> bool:
+    mode = str((ctx.cfg.get("distill") or {}).get("cache", "auto"))
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown distill.cache {mode!r}; known: auto, on, off")
+    if mode == "off":
+        return False
+    if not ctx.dm.deterministic_train:
+        if mode == "on":
+            log.warning("distill.cache=on needs a deterministic training transform (data.augment=none); "
+                        "the sources run live")
+        return False
+    return True
+
+
+def compute_device(ctx: RunContext) -> torch.device:
+    acc = str((ctx.cfg.get("trainer") or {}).get("accelerator", "auto"))
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def source_outputs_cache(ctx: RunContext, record: StageRecord, model: nn.Module, taps: list[str]
+                         ) -> dict[str, Any]:
+    """Logits (and tapped features) of a frozen source for the training split, computed once, fp16."""
+    data_key = hashlib.sha256(canonical_json({"data": ctx.dm.fingerprint(), "taps": sorted(taps)}).encode()
+                              ).hexdigest()[:16]
+    cached = ctx.store.load_cache(record.key, data_key)
+    if cached is not None:
+        return cached
+    from kdlab.models import FeatureTaps
+
+    device = compute_device(ctx)
+    model = model.to(device).eval()
+    hooks = FeatureTaps(model, taps) if taps else None
+    logits, feats = [], {t: [] for t in taps}
+    with torch.inference_mode():
+        for x, _, _ in ctx.dm.train_eval_dataloader():
+            logits.append(model(x.to(device)).half().cpu())
+            for t in taps:
+                feats[t].append(hooks.features[t].half().cpu())
+    if hooks is not None:
+        hooks.remove()
+    payload = {"logits": torch.cat(logits), "features": {t: torch.cat(v) for t, v in feats.items()}}
+    ctx.store.save_cache(record.key, data_key, payload)
+    return payload
+
+
+# -- training ----------------------------------------------------------------------------------------
+def load_source(spec: StageSpec, record: StageRecord, ctx: RunContext) -> nn.Module:
+    model = build_stage_model(spec, ctx.dm)
+    model.load_state_dict(record.state_dict())
+    return model
+
+
+def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[StageSpec, StageRecord]],
+                 ctx: RunContext) -> SupervisedModule:
+    speed = ctx.cfg.get("speed") or {}
+    channels_last = bool(speed.get("channels_last", False))
+    common = dict(num_classes=ctx.dm.num_classes, optimizer=instantiate(spec.optimizer),
+                  scheduler=instantiate(spec.scheduler) if spec.scheduler else None,
+                  max_epochs=spec.max_epochs, stage=spec.name,
+                  label_smoothing=float(spec.distill.get("label_smoothing", 0.0)), channels_last=channels_last)
+    if not sources:
+        return SupervisedModule(model, **common)
+    source_models = {name: load_source(s_spec, rec, ctx) for name, (s_spec, rec) in sources.items()}
+    shape = (ctx.dm.in_channels, ctx.dm.image_size, ctx.dm.image_size)
+    probe = build_strategy(spec.distill, StrategyContext(spec.name, list(sources), ctx.dm.num_classes))
+    s_taps, t_taps = probe.student_taps(), probe.source_taps()
+    sctx = StrategyContext(
+        stage=spec.name, source_names=list(sources), num_classes=ctx.dm.num_classes,
+        student_feature_shapes=feature_shapes(model, s_taps, shape) if s_taps else {},
+        source_feature_shapes={n: feature_shapes(m, t_taps, shape) for n, m in source_models.items()} if t_taps
+        else {},
+    ) if (s_taps or t_taps) else StrategyContext(spec.name, list(sources), ctx.dm.num_classes)
+    strategy = probe if not (s_taps or t_taps) else build_strategy(spec.distill, sctx)
+    cache = None
+    if cache_enabled(ctx):
+        cache = {name: source_outputs_cache(ctx, rec, source_models[name], t_taps)
+                 for name, (_, rec) in sources.items()}
+    bank = SourceBank(source_models, t_taps, cache, channels_last=channels_last)
+    selector = None
+    if spec.stochastic:
+        st = spec.stochastic
+        selector = SourceSelector(list(sources), mode=st.get("mode", "none"), p=st.get("p", 0.75),
+                                  k=st.get("k", 1), include_teacher=st.get("include_teacher", True),
+                                  min_keep=st.get("min_keep", 0), seed=spec.seed, stage=spec.name)
+    return DistillModule(model, sources=bank, strategy=strategy, selector=selector, **common)
+
+
+def _state_from_lightning(ckpt: dict[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    sd = ckpt.get("state_dict", ckpt)
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, StageRecord]],
+                ctx: RunContext, description: dict[str, Any]) -> tuple[StageRecord, dict[str, Any]]:
+    """Train one stage (resuming from its last checkpoint if a previous attempt was interrupted)."""
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    model = build_stage_model(spec, ctx.dm)
+    params = count_params(model)
+    module = build_module(spec, model, sources, ctx)
+    speed = ctx.cfg.get("speed") or {}
+    if speed.get("compile"):
+        module.model.compile()
+    work = ctx.store.work_dir(key)
+    ckpt = ModelCheckpoint(dirpath=str(work), filename="best", monitor="val/acc", mode="max", save_last=True,
+                           save_top_k=1, enable_version_counter=False)
+    progress, bar = progress_callbacks(str((ctx.cfg.get("callbacks") or {}).get("progress", "auto")), spec.name)
+    stage_info = {"name": spec.name, "role": spec.role, "arch": spec.arch, "method": ctx.method,
+                  "dataset": ctx.dataset}
+    wandb_config = {"stage": {**stage_info, "sources": spec.sources, "store_key": key, **description},
+                    "pipeline": ctx.cfg}
+    loggers = build_loggers(ctx.cfg.get("logger") or {}, ctx.run_dir, stage_info, ctx.group, wandb_config)
+    trainer = pl.Trainer(**trainer_kwargs(ctx, spec), callbacks=[ckpt, *progress], logger=loggers or False,
+                         enable_progress_bar=bar, default_root_dir=str(work))
+    resume = work / "last.ckpt"
+    if resume.exists():
+        log.info("stage %s: resuming from %s", spec.name, resume)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=ctx.dm, ckpt_path=str(resume) if resume.exists() else None,
+                    weights_only=True)
+        train_seconds = time.perf_counter() - t0
+        if trainer.interrupted:
+            raise TrainingError(f"stage {spec.name!r} was interrupted")
+        test_last = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+        if not ckpt.best_model_path:
+            raise TrainingError(f"stage {spec.name!r}: no validation accuracy was recorded "
+                                f"(is the validation split empty?)")
+        best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint"))
+        module.model.load_state_dict(best_state)
+        test_best = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+    finally:
+        finish_loggers(loggers)
+        if isinstance(module, DistillModule):
+            module.bank.close()
+    curve = list(module.val_curve)
+    best_epoch = int(max(range(len(curve)), key=lambda i: (curve[i], -i))) if curve else None
+    extra = module.extra_parameters() if isinstance(module, DistillModule) else 0
+    meta = {
+        "name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": spec.sources,
+        "params": params, "extra_params": extra, "epochs": spec.max_epochs, "best_epoch": best_epoch,
+        "val_acc": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
+        "test_acc": test_best, "test_acc_last": test_last, "train_seconds": round(train_seconds, 3),
+        "samples_per_second": round(module.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
+        "val_curve": curve, "description": description,
+    }
+    record = ctx.store.commit(key, best_state, meta)
+    csv_log = ctx.run_dir / "csv" / spec.name / "metrics.csv"
+    return record, {"csv_log": str(csv_log) if csv_log.exists() else None}
+
+
+def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: dict[str, Any]) -> StageRecord:
+    """A teacher given as ``pipeline.teacher_checkpoint``: loaded safely, checked, evaluated once, stored."""
+    path = Path(str(spec.checkpoint))
+    raw = load_weights(path, "teacher checkpoint")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"teacher checkpoint {str(path)!r} is not a state_dict")
+    state = _state_from_lightning(raw) if "state_dict" in raw else raw
+    model = build_stage_model(spec, ctx.dm)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
+                          f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                          f"keys (e.g. {unexpected[:2]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            last = list(expected)[-1]
+            if name in (last, last.replace("bias", "weight")):
+                raise ConfigError(f"teacher checkpoint {str(path)!r} has {tensor.shape[0]} classes; the data set "
+                                  f"has {ctx.dm.num_classes}")
+            raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
+                              f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    model.load_state_dict(state)
+    module = build_module(spec, model, {}, ctx)
+    trainer = pl.Trainer(**{**trainer_kwargs(ctx, spec), "max_epochs": 1}, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False)
+    val = float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
+    test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+    meta = {"name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": [],
+            "params": count_params(model), "extra_params": 0, "epochs": 0, "best_epoch": None,
+            "val_acc": val, "test_acc": test, "test_acc_last": test, "train_seconds": 0.0,
+            "samples_per_second": None, "val_curve": [val], "description": description,
+            "imported_from": str(path)}
+    return ctx.store.commit(key, model.state_dict(), meta)
