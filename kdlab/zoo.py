@@ -1,8 +1,9 @@
 """`python -m kdlab.zoo`: the model zoo as a table (parameters, MFLOPs per image, prepool feature shape).
 
-    python -m kdlab.zoo --dataset cifar100
-    python -m kdlab.zoo --dataset fashion_mnist --on-the-fly --n 3
+python -m kdlab.zoo --dataset cifar100
+python -m kdlab.zoo --dataset fashion_mnist --on-the-fly --n 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kdlab.zoo", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar100", help=f"one of {', '.join(DATASETS)} (default cifar100)")
     p.add_argument("--on-the-fly", action="store_true", help="show the 1 x N twins (Pacemaker KD)")
-    p.add_argument("--n", type=int, default=None, help="row width N of the 1 x N twins (default: k); implies --on-the-fly")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="row width N of the 1 x N twins (default: k); implies --on-the-fly",
+    )
     p.add_argument("--mode", default="row", help="on-the-fly mode: row | mixed (default row)")
     p.add_argument("--models", default=None, help="comma-separated subset of model names (default: all)")
     return p.parse_args(argv)
 
 
-def zoo_rows(dataset: str, on_the_fly: bool = False, n: int | None = None, mode: str = "row",
-             models: list[str] | None = None) -> list[dict]:
+def zoo_rows(
+    dataset: str,
+    on_the_fly: bool = False,
+    n: int | None = None,
+    mode: str = "row",
+    models: list[str] | None = None,
+) -> list[dict]:
     """One dict per model: name, family, params, macs (per image) and prepool shape."""
     from kdlab.models import FeatureTaps, build_model, count_macs, count_params, list_models, model_family
 
@@ -36,17 +47,26 @@ def zoo_rows(dataset: str, on_the_fly: bool = False, n: int | None = None, mode:
     num_classes, channels, size = DATASETS[dataset]
     rows = []
     for name in models or list_models():
-        model = build_model(name, num_classes, channels, on_the_fly=on_the_fly, on_the_fly_n=n,
-                            on_the_fly_mode=mode, input_size=size)
+        model = build_model(
+            name,
+            num_classes,
+            channels,
+            on_the_fly=on_the_fly,
+            on_the_fly_n=n,
+            on_the_fly_mode=mode,
+            input_size=size,
+        )
         with FeatureTaps(model, [model.default_tap], detach=True) as taps:  # one dummy forward for both
             macs = count_macs(model, (channels, size, size))
-        rows.append({
-            "name": name,
-            "family": model_family(name),
-            "params": count_params(model),
-            "macs": macs,
-            "prepool": tuple(taps.features[model.default_tap].shape[1:]),
-        })
+        rows.append(
+            {
+                "name": name,
+                "family": model_family(name),
+                "params": count_params(model),
+                "macs": macs,
+                "prepool": tuple(taps.features[model.default_tap].shape[1:]),
+            }
+        )
     return rows
 
 
@@ -69,8 +89,13 @@ def render(rows: list[dict], dataset: str, on_the_fly: bool, n: int | None, mode
     table.add_column("MFLOPs", justify="right")
     table.add_column("prepool (CxHxW)", justify="right")  # the default feature tap
     for r in rows:
-        table.add_row(r["name"], r["family"], f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}",
-                      "x".join(map(str, r["prepool"])))
+        table.add_row(
+            r["name"],
+            r["family"],
+            f"{r['params']:,}",
+            f"{r['macs'] / 1e6:.2f}",
+            "x".join(map(str, r["prepool"])),
+        )
     Console().print(table)
 
 

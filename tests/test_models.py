@@ -1,4 +1,5 @@
 """Model zoo: shapes, reference parameter counts, feature taps, errors and the `python -m kdlab.zoo` CLI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -102,7 +103,9 @@ def test_plain_param_counts(depth, variant, classes):
     assert count_params(m) == plain_params_by_hand(spec, in_ch=1, size=28)
     other = "cifar100" if variant == "cifar10" else "cifar10"
     m = build_model(f"plain{depth}", classes, variant=other)
-    assert count_params(m) == plain_params_by_hand(PLAIN_TABLE[other][depth].rsplit("-", 1)[0] + f"-FC{classes}")
+    assert count_params(m) == plain_params_by_hand(
+        PLAIN_TABLE[other][depth].rsplit("-", 1)[0] + f"-FC{classes}"
+    )
 
 
 def test_plain_reference_numbers():
@@ -115,10 +118,12 @@ def test_plain_reference_numbers():
 @pytest.mark.parametrize("depth", [8, 14, 20, 26, 32, 44, 56, 110])
 def test_resnet_param_counts(depth):
     for classes in (10, 100):
-        assert count_params(build_model(f"resnet{depth}", classes)) == resnet_params_by_hand(depth, num_classes=classes)
-    assert count_params(build_model(f"resnet{depth}", 10, in_channels=1, input_size=28)) == resnet_params_by_hand(
-        depth, num_classes=10, in_ch=1
-    )
+        assert count_params(build_model(f"resnet{depth}", classes)) == resnet_params_by_hand(
+            depth, num_classes=classes
+        )
+    assert count_params(
+        build_model(f"resnet{depth}", 10, in_channels=1, input_size=28)
+    ) == resnet_params_by_hand(depth, num_classes=10, in_ch=1)
 
 
 def test_resnet_x4_and_reference_numbers():
@@ -131,7 +136,10 @@ def test_resnet_x4_and_reference_numbers():
 
 def test_macs_by_hand():
     # plain2 / CIFAR-100: conv 32x32x32 outputs * 27, conv 16x16x32 * 288, FC 32*8*8 -> 100
-    assert count_macs(build_model("plain2", 100), (3, 32, 32)) == 32 * 32 * 32 * 27 + 16 * 16 * 32 * 288 + 2048 * 100
+    assert (
+        count_macs(build_model("plain2", 100), (3, 32, 32))
+        == 32 * 32 * 32 * 27 + 16 * 16 * 32 * 288 + 2048 * 100
+    )
 
 
 # --------------------------------------------------------------------------- shapes
@@ -190,7 +198,10 @@ def test_resnet_stage_shapes_and_dotted_names():
     shapes = feature_shapes(model, ["stage1", "stage2", "stage3", "prepool", "layer2.0.conv1"], (3, 32, 32))
     assert model.training  # restored
     assert shapes == {
-        "stage1": (16, 32, 32), "stage2": (32, 16, 16), "stage3": (64, 8, 8), "prepool": (64, 8, 8),
+        "stage1": (16, 32, 32),
+        "stage2": (32, 16, 16),
+        "stage3": (64, 8, 8),
+        "prepool": (64, 8, 8),
         "layer2.0.conv1": (32, 16, 16),
     }
     assert feature_shapes(build_model("wrn_16_2", 10, 1, input_size=28), "prepool", (1, 28, 28)) == {
@@ -249,10 +260,36 @@ def test_bad_arguments():
 
 def test_registry_and_generic_names():
     assert set(ZOO) >= {
-        "plain2", "plain4", "plain6", "plain8", "plain10", "resnet8", "resnet14", "resnet20", "resnet26",
-        "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2",
-        "wrn_16_4", "wrn_40_1", "wrn_40_2", "wrn_40_4", "wrn_28_10", "vgg8", "vgg11", "vgg13", "vgg16",
-        "vgg19", "mobilenetv2", "shufflev1", "shufflev2",
+        "plain2",
+        "plain4",
+        "plain6",
+        "plain8",
+        "plain10",
+        "resnet8",
+        "resnet14",
+        "resnet20",
+        "resnet26",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "resnet8x4",
+        "resnet32x4",
+        "wrn_16_1",
+        "wrn_16_2",
+        "wrn_16_4",
+        "wrn_40_1",
+        "wrn_40_2",
+        "wrn_40_4",
+        "wrn_28_10",
+        "vgg8",
+        "vgg11",
+        "vgg13",
+        "vgg16",
+        "vgg19",
+        "mobilenetv2",
+        "shufflev1",
+        "shufflev2",
     }
     assert "resnet20" in MODELS
     assert build_model("wrn_10_1", 10)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
@@ -265,7 +302,8 @@ def test_registry_and_generic_names():
 
 # --------------------------------------------------------------------------- CLI
 def _zoo(*args):
-    return subprocess.run([sys.executable, "-m", "kdlab.zoo", *args], capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "kdlab.zoo", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_zoo_cli_table():

@@ -1,4 +1,5 @@
 """What every zoo model shares: named feature points, the default tap and the weight initialisation."""
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ def scaled(channels: int, width_mult: float, divisor: int = 1) -> int:
     """Channel count multiplied by `width_mult`, rounded to a multiple of `divisor` (at least `divisor`)."""
     if width_mult == 1.0:
         return channels
-    return max(divisor, int(round(channels * width_mult / divisor)) * divisor)
+    return max(divisor, round(channels * width_mult / divisor) * divisor)
 
 
 def check_width(width_mult: float) -> float:

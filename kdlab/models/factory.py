@@ -1,4 +1,5 @@
 """The model registry and `build_model`, the one way the rest of kdlab makes a network."""
+
 from __future__ import annotations
 
 import functools

@@ -8,6 +8,7 @@ width (channel counts rounded down as in the reference; the last 1x1 layer stays
 effective width exceeds 1). Stages follow CRD's feature list: outputs of groups 1, 2, 4 and 6;
 "prepool" is the 1280-channel map that is pooled.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -16,13 +17,23 @@ from kdlab.models.base import ZooModel, check_width
 from kdlab.models.factory import register_model
 
 # expansion t, channels c, blocks n, first stride s ("T" = the model's expansion factor)
-SETTINGS = [(1, 16, 1, 1), ("T", 24, 2, 1), ("T", 32, 3, 2), ("T", 64, 4, 2), ("T", 96, 3, 1),
-            ("T", 160, 3, 2), ("T", 320, 1, 1)]
+SETTINGS = [
+    (1, 16, 1, 1),
+    ("T", 24, 2, 1),
+    ("T", 32, 3, 2),
+    ("T", 64, 4, 2),
+    ("T", 96, 3, 1),
+    ("T", 160, 3, 2),
+    ("T", 320, 1, 1),
+]
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU()]
+    return [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    ]
 
 
 class InvertedResidual(nn.Module):
@@ -63,8 +74,14 @@ class MobileNetV2(ZooModel):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(last, num_classes)
         self.feature_points = {
-            "stem": "conv1", "stage1": "blocks.1", "stage2": "blocks.2", "stage3": "blocks.4",
-            "stage4": "blocks.6", "prepool": "prepool", "embedding": "flatten", "logits": "fc",
+            "stem": "conv1",
+            "stage1": "blocks.1",
+            "stage2": "blocks.2",
+            "stage3": "blocks.4",
+            "stage4": "blocks.6",
+            "prepool": "prepool",
+            "embedding": "flatten",
+            "logits": "fc",
         }
         self.init_weights()
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
@@ -75,8 +92,9 @@ class MobileNetV2(ZooModel):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-def mobilenetv2(num_classes: int, in_channels: int = 3, input_size=32, width_mult: float = 1.0,
-                expansion: int = 6) -> MobileNetV2:
+def mobilenetv2(
+    num_classes: int, in_channels: int = 3, input_size=32, width_mult: float = 1.0, expansion: int = 6
+) -> MobileNetV2:
     """`input_size` is accepted for a uniform interface; pooling is adaptive."""
     return MobileNetV2(num_classes, in_channels, int(expansion), 0.5 * check_width(width_mult))
 

@@ -7,6 +7,7 @@ kernel (1, N) with N = `n` or k, the same stride, padding (0, p) with p = the or
 BatchNorm, pooling, 1x1 convolutions and shortcuts stay as they are. `mode="mixed"` alternates 1 x N and
 N x 1 in module order (a "mixed" pacemaker whose receptive field grows in both directions).
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,9 +60,17 @@ def to_on_the_fly(model: nn.Module, n: int | None = None, mode: str = "row") -> 
         padding = pad if isinstance(pad, str) else ((pad, 0) if column else (0, pad))
         dilation = (conv.dilation[0], 1) if column else (1, conv.dilation[1])
         new = nn.Conv2d(
-            conv.in_channels, conv.out_channels, kernel, stride=conv.stride, padding=padding,
-            dilation=dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
+            conv.in_channels,
+            conv.out_channels,
+            kernel,
+            stride=conv.stride,
+            padding=padding,
+            dilation=dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
         )
         if callable(init_conv):
             init_conv(new)

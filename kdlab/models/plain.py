@@ -11,6 +11,7 @@ Stages: the convolutions up to and including each max-pool form a stage (trailin
 pool, as in CIFAR-100 plain6, form the last stage); "prepool" is the last stage's output, the feature map
 that is flattened into the classifier.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -53,8 +54,9 @@ def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 class PlainCNN(ZooModel):
     conv_init = "torch"  # the released code keeps PyTorch's default initialisation
 
-    def __init__(self, spec: str, num_classes: int, in_channels: int = 3, input_size=32,
-                 width_mult: float = 1.0):
+    def __init__(
+        self, spec: str, num_classes: int, in_channels: int = 3, input_size=32, width_mult: float = 1.0
+    ):
         super().__init__()
         width_mult = check_width(width_mult)
         h, w = input_hw(input_size)
@@ -100,8 +102,14 @@ class PlainCNN(ZooModel):
         return self.fc(self.head(self.flatten(self.features(x))))
 
 
-def plain_cnn(depth: int, num_classes: int, in_channels: int = 3, input_size=32, variant: str | None = None,
-              width_mult: float = 1.0) -> PlainCNN:
+def plain_cnn(
+    depth: int,
+    num_classes: int,
+    in_channels: int = 3,
+    input_size=32,
+    variant: str | None = None,
+    width_mult: float = 1.0,
+) -> PlainCNN:
     if variant is None:
         variant = "cifar10" if num_classes <= 10 else "cifar100"
     if variant not in PLAIN_TABLES:

@@ -1,4 +1,5 @@
 """Size and cost of a model: parameters and multiply-accumulates (MACs) per image."""
+
 from __future__ import annotations
 
 import torch

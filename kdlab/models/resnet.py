@@ -9,6 +9,7 @@ option B of He et al., as in both the TAKD and the RepDistiller (CRD) code; the 
 match those repositories (e.g. resnet20 / 100 classes: 278,324; resnet8x4: 1,233,540). Global pooling is
 adaptive, so 28x28 inputs work too (the originals used AvgPool2d(8) for 32x32).
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(ZooModel):
-    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int, in_channels: int = 3,
-                 width_mult: float = 1.0):
+    def __init__(
+        self,
+        depth: int,
+        widths: tuple[int, int, int, int],
+        num_classes: int,
+        in_channels: int = 3,
+        width_mult: float = 1.0,
+    ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth}")
@@ -67,8 +74,13 @@ class CifarResNet(ZooModel):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
         self.feature_points = {
-            "stem": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-            "prepool": "prepool", "embedding": "flatten", "logits": "fc",
+            "stem": "relu",
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "prepool": "prepool",
+            "embedding": "flatten",
+            "logits": "fc",
         }
         self.init_weights()
 
@@ -78,8 +90,14 @@ class CifarResNet(ZooModel):
         return self.fc(self.flatten(self.avgpool(self.prepool(x))))
 
 
-def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3, input_size=32,
-                 width_mult: float = 1.0, widths: tuple[int, int, int, int] = (16, 16, 32, 64)) -> CifarResNet:
+def cifar_resnet(
+    depth: int,
+    num_classes: int,
+    in_channels: int = 3,
+    input_size=32,
+    width_mult: float = 1.0,
+    widths: tuple[int, int, int, int] = (16, 16, 32, 64),
+) -> CifarResNet:
     """`input_size` is accepted for a uniform interface; pooling is adaptive."""
     return CifarResNet(depth, widths, num_classes, in_channels, width_mult)
 

@@ -8,6 +8,7 @@ stride 2 a 3x3 average-pool shortcut concatenated with the branch. V2: widths 11
 basic units after a down-sampling unit per stage, then a 1x1 conv to 1024 channels. "prepool" is the map
 that is pooled: stage 3's output (V1) or the 1024-channel conv output (V2).
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,8 +62,14 @@ class ShuffleV1Unit(nn.Module):
 class ShuffleNetV1(ZooModel):
     conv_init = "torch"  # the reference leaves PyTorch's default initialisation
 
-    def __init__(self, num_classes: int, in_channels: int = 3, widths=(240, 480, 960), blocks=(4, 8, 4),
-                 groups: int = 3):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        widths=(240, 480, 960),
+        blocks=(4, 8, 4),
+        groups: int = 3,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
@@ -72,8 +79,11 @@ class ShuffleNetV1(ZooModel):
             units = []
             for j in range(n):
                 # at stride 2 the shortcut's cin channels are concatenated, so the branch makes w - cin
-                units.append(ShuffleV1Unit(cin, w - cin if j == 0 else w, 2 if j == 0 else 1, groups,
-                                           first=(i == 1 and j == 0)))
+                units.append(
+                    ShuffleV1Unit(
+                        cin, w - cin if j == 0 else w, 2 if j == 0 else 1, groups, first=(i == 1 and j == 0)
+                    )
+                )
                 cin = w
             self.add_module(f"layer{i}", nn.Sequential(*units))
         self.prepool = nn.Identity()
@@ -81,8 +91,13 @@ class ShuffleNetV1(ZooModel):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
         self.feature_points = {
-            "stem": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-            "prepool": "prepool", "embedding": "flatten", "logits": "fc",
+            "stem": "relu",
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "prepool": "prepool",
+            "embedding": "flatten",
+            "logits": "fc",
         }
         self.init_weights()
 
@@ -97,13 +112,18 @@ class ShuffleV2Down(nn.Module):
         super().__init__()
         mid = cout // 2
         self.left = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, stride=2, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-            nn.Conv2d(cin, mid, 1, bias=False), *_bn_relu(mid),
+            nn.Conv2d(cin, cin, 3, stride=2, padding=1, groups=cin, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            *_bn_relu(mid),
         )
         self.right = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), *_bn_relu(mid),
-            nn.Conv2d(mid, mid, 3, stride=2, padding=1, groups=mid, bias=False), nn.BatchNorm2d(mid),
-            nn.Conv2d(mid, mid, 1, bias=False), *_bn_relu(mid),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            *_bn_relu(mid),
+            nn.Conv2d(mid, mid, 3, stride=2, padding=1, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.Conv2d(mid, mid, 1, bias=False),
+            *_bn_relu(mid),
         )
         self.shuffle = ChannelShuffle(2)
 
@@ -117,28 +137,35 @@ class ShuffleV2Unit(nn.Module):
         self.split = channels // 2
         c = channels - self.split
         self.branch = nn.Sequential(
-            nn.Conv2d(c, c, 1, bias=False), *_bn_relu(c),
-            nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c),
-            nn.Conv2d(c, c, 1, bias=False), *_bn_relu(c),
+            nn.Conv2d(c, c, 1, bias=False),
+            *_bn_relu(c),
+            nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+            nn.BatchNorm2d(c),
+            nn.Conv2d(c, c, 1, bias=False),
+            *_bn_relu(c),
         )
         self.shuffle = ChannelShuffle(2)
 
     def forward(self, x):
-        x1, x2 = x[:, : self.split], x[:, self.split:]
+        x1, x2 = x[:, : self.split], x[:, self.split :]
         return self.shuffle(torch.cat([x1, self.branch(x2)], 1))
 
 
 class ShuffleNetV2(ZooModel):
     conv_init = "torch"
 
-    def __init__(self, num_classes: int, in_channels: int = 3, widths=(116, 232, 464, 1024), blocks=(3, 7, 3)):
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, widths=(116, 232, 464, 1024), blocks=(3, 7, 3)
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         self.relu = nn.ReLU()
         cin = 24
         for i, (w, n) in enumerate(zip(widths[:3], blocks), 1):
-            self.add_module(f"layer{i}", nn.Sequential(ShuffleV2Down(cin, w), *[ShuffleV2Unit(w) for _ in range(n)]))
+            self.add_module(
+                f"layer{i}", nn.Sequential(ShuffleV2Down(cin, w), *[ShuffleV2Unit(w) for _ in range(n)])
+            )
             cin = w
         self.conv2 = nn.Sequential(nn.Conv2d(cin, widths[3], 1, bias=False), *_bn_relu(widths[3]))
         self.prepool = nn.Identity()
@@ -146,8 +173,13 @@ class ShuffleNetV2(ZooModel):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_points = {
-            "stem": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
-            "prepool": "prepool", "embedding": "flatten", "logits": "fc",
+            "stem": "relu",
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "prepool": "prepool",
+            "embedding": "flatten",
+            "logits": "fc",
         }
         self.init_weights()
 
@@ -159,8 +191,9 @@ class ShuffleNetV2(ZooModel):
 
 def _no_width(name: str, width_mult: float) -> None:
     if check_width(width_mult) != 1.0:
-        raise ConfigError(f"model {name!r} supports only width_mult=1.0 (its channel groups are fixed), "
-                          f"got {width_mult!r}")
+        raise ConfigError(
+            f"model {name!r} supports only width_mult=1.0 (its channel groups are fixed), got {width_mult!r}"
+        )
 
 
 def shufflev1(num_classes: int, in_channels: int = 3, input_size=32, width_mult: float = 1.0) -> ShuffleNetV1:

@@ -1,4 +1,5 @@
 """Feature taps: read any model's intermediate outputs through forward hooks, without rewriting the model."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ class FeatureTaps:
             logits = model(x)
             f = taps.features["prepool"]
 
-    or keep the object and call `.remove()` when done. Tensors are stored as produced (with their autograd
+    or keep the object and call `.remove()` when done (the hooks keep the object alive until then). Tensors are stored as produced (with their autograd
     graph, so feature losses can back-propagate through them); `detach=True` stores detached tensors.
     A module that returns a tuple records its first element. `.features` always holds the latest forward.
     """
@@ -69,17 +70,11 @@ class FeatureTaps:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> FeatureTaps:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-    def __del__(self):  # a forgotten object must not leave hooks behind
-        try:
-            self.remove()
-        except Exception:
-            pass
 
 
 @torch.no_grad()

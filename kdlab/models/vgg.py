@@ -5,6 +5,7 @@ the fourth only for inputs of 64 pixels or more, as in the reference); adaptive 
 (no 4096-wide classifier layers). Stage i is block i-1's output (after its ReLU); "prepool" is the last
 block's output.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -30,8 +31,14 @@ def _block(cin: int, channels: list[int]) -> nn.Sequential:
 
 
 class VGG(ZooModel):
-    def __init__(self, cfg: list[list[int]], num_classes: int, in_channels: int = 3, input_size=32,
-                 width_mult: float = 1.0):
+    def __init__(
+        self,
+        cfg: list[list[int]],
+        num_classes: int,
+        in_channels: int = 3,
+        input_size=32,
+        width_mult: float = 1.0,
+    ):
         super().__init__()
         width_mult = check_width(width_mult)
         h, _ = input_hw(input_size)

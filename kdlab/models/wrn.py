@@ -8,6 +8,7 @@ global average pooling (adaptive here, so 28x28 works), FC.
 Registered: wrn_16_1, wrn_16_2, wrn_16_4, wrn_40_1, wrn_40_2, wrn_40_4, wrn_28_10; any `wrn_<d>_<k>` with
 d = 6n + 4 also builds. "prepool" is the output of the final BN + ReLU, the tensor that is pooled.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,15 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(ZooModel):
-    def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3, drop_rate: float = 0.0,
-                 width_mult: float = 1.0):
+    def __init__(
+        self,
+        depth: int,
+        widen: int,
+        num_classes: int,
+        in_channels: int = 3,
+        drop_rate: float = 0.0,
+        width_mult: float = 1.0,
+    ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ConfigError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
@@ -57,7 +65,9 @@ class WideResNet(ZooModel):
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
         cin = widths[0]
         for i, (w, stride) in enumerate(zip(widths[1:], (1, 2, 2)), 1):
-            blocks = [WideBlock(cin if j == 0 else w, w, stride if j == 0 else 1, drop_rate) for j in range(n)]
+            blocks = [
+                WideBlock(cin if j == 0 else w, w, stride if j == 0 else 1, drop_rate) for j in range(n)
+            ]
             self.add_module(f"block{i}", nn.Sequential(*blocks))
             cin = w
         self.bn1 = nn.BatchNorm2d(cin)
@@ -67,8 +77,13 @@ class WideResNet(ZooModel):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
         self.feature_points = {
-            "stem": "conv1", "stage1": "block1", "stage2": "block2", "stage3": "block3",
-            "prepool": "prepool", "embedding": "flatten", "logits": "fc",
+            "stem": "conv1",
+            "stage1": "block1",
+            "stage2": "block2",
+            "stage3": "block3",
+            "prepool": "prepool",
+            "embedding": "flatten",
+            "logits": "fc",
         }
         self.init_weights()
         nn.init.zeros_(self.fc.bias)
@@ -79,8 +94,15 @@ class WideResNet(ZooModel):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-def wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int = 3, input_size=32,
-                drop_rate: float = 0.0, width_mult: float = 1.0) -> WideResNet:
+def wide_resnet(
+    depth: int,
+    widen: int,
+    num_classes: int,
+    in_channels: int = 3,
+    input_size=32,
+    drop_rate: float = 0.0,
+    width_mult: float = 1.0,
+) -> WideResNet:
     """`input_size` is accepted for a uniform interface; pooling is adaptive."""
     return WideResNet(depth, widen, num_classes, in_channels, float(drop_rate), width_mult)
 

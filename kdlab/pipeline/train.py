@@ -261,12 +261,13 @@ def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: d
         raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
                           f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                           f"keys (e.g. {unexpected[:2]})")
+    classifier = [k for k, v in expected.items() if v.ndim == 2][-1:]  # the last Linear's weight
+    for name in classifier:
+        if state[name].shape[0] != expected[name].shape[0]:
+            raise ConfigError(f"teacher checkpoint {str(path)!r} has {state[name].shape[0]} classes; the data set "
+                              f"has {ctx.dm.num_classes}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            last = list(expected)[-1]
-            if name in (last, last.replace("bias", "weight")):
-                raise ConfigError(f"teacher checkpoint {str(path)!r} has {tensor.shape[0]} classes; the data set "
-                                  f"has {ctx.dm.num_classes}")
             raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
                               f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
     model.load_state_dict(state)
