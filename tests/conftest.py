@@ -50,5 +50,5 @@ def trained(results: dict) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield

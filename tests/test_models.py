@@ -24,8 +24,10 @@ from kdlab.models import (
 ZOO = list_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
+    # per test, after conftest's thread setting: batch-2 CIFAR passes gain nothing from threads, and on a
+    # busy 2-core machine a second thread makes them many times slower
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -12,8 +12,10 @@ from kdlab.models import FeatureTaps, build_model, count_params, list_models, to
 ZOO = list_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
+    # per test, after conftest's thread setting: batch-2 CIFAR passes gain nothing from threads, and on a
+    # busy 2-core machine a second thread makes them many times slower
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -54,9 +56,8 @@ def test_every_kxk_conv_becomes_1xk(name):
             assert torch.equal(new.weight, old.weight)
     assert converted > 0 and twin.on_the_fly == {"n": None, "mode": "row", "converted": converted}
     assert not any(_square(c) for c in after.values())
-    assert all(
-        _square(c) for p, c in before.items() if after[p].kernel_size != c.kernel_size
-    )  # original kept
+    # the original model keeps its k x k convs
+    assert all(_square(c) for p, c in before.items() if after[p].kernel_size != c.kernel_size)
     assert count_params(twin) == count_params(model) - saved
     # BN and the rest keep their state; shapes still work at 28x28 (odd 7x7 maps) and 32x32
     sd_old, sd_new = model.state_dict(), twin.state_dict()

@@ -11,6 +11,7 @@ the same readers load them (torchvision's own dataset classes would reject anyth
 """
 from __future__ import annotations
 
+import math
 import os
 import tarfile
 from collections.abc import Callable
@@ -251,35 +252,38 @@ def _smooth_fields(n: int, channels: int, size: int, g: torch.Generator) -> torc
 def make_synthetic(
     num_classes: int, channels: int, image_size: int, n: int, noise: float, seed: int, part: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A class-conditional image set: a few class motifs at random places on a noisy background.
+    """A class-conditional texture set: a class-specific grating under a random mask, on a noisy background.
 
-    Each class owns two small random motifs; an image of class c holds three of them at random
-    positions (so what identifies the class is local and translation invariant, like object parts)
-    over a smooth random background and pixel noise, both scaled by ``noise``. The motifs depend only
-    on (seed, num_classes, channels, image_size), so train and test share them; ``part`` seeds the
-    samples. Returns (uint8 (n, C, H, W), int64 labels (n,)).
+    Class c fixes a grating's orientation (|angle| on a grid in [0, 90] degrees, the sign is random per
+    image so horizontal flips keep the class) and spatial frequency (a grid in [0.15, 0.30] cycles per
+    pixel); each image jitters both, draws a random phase, shows the grating through a random smooth
+    mask and adds a smooth background and pixel noise, both scaled by ``noise``. What identifies the
+    class is local and translation invariant, as for natural images. ``seed`` fixes the per-channel
+    gains, ``part`` ("train"/"test") seeds the samples. Returns (uint8 (n, C, H, W), int64 labels (n,)).
     """
-    per_class, per_image = 2, 3
-    k = max(3, image_size // 5) | 1  # odd motif size: 5 for 28x28 / 32x32 images
-    g = torch.Generator().manual_seed(derive_seed("synthetic-motifs", seed, num_classes, channels, image_size))
-    motifs = torch.randn(channels, num_classes * per_class, k, k, generator=g)
-    motifs -= motifs.mean(dim=(0, 2, 3), keepdim=True)
-    motifs /= motifs.std(dim=(0, 2, 3), keepdim=True)
-    g = torch.Generator().manual_seed(derive_seed("synthetic-samples", seed, part))
+    n_orient = max(2, math.ceil(math.sqrt(2 * num_classes)))
+    n_freq = math.ceil(num_classes / n_orient)
+    cls = torch.arange(num_classes)
+    angle = (cls % n_orient).double() * (math.pi / 2) / (n_orient - 1)
+    freq = 0.15 + (cls // n_orient).double() * (0.15 / max(1, n_freq - 1))
+    g = torch.Generator().manual_seed(derive_seed("synthetic-gains", seed, channels))
+    gains = (0.6 + 0.8 * torch.rand(channels, generator=g)).view(1, channels, 1, 1)
+    g = torch.Generator().manual_seed(derive_seed("synthetic-samples", seed, num_classes, image_size, part))
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+    coords = torch.arange(image_size, dtype=torch.float64) - (image_size - 1) / 2
+    yy, xx = coords.view(1, -1, 1), coords.view(1, 1, -1)
     images = torch.empty(n, channels, image_size, image_size, dtype=torch.uint8)
-    chunk = 256
+    chunk = 1024
     for s in range(0, n, chunk):
         y = labels[s : s + chunk]
         m = len(y)
-        # impulses at random positions, one channel per motif, then one convolution places them all
-        which = y.view(m, 1) * per_class + torch.randint(0, per_class, (m, per_image), generator=g)
-        pos = torch.randint(0, image_size * image_size, (m, per_image), generator=g)
-        impulses = torch.zeros(m, num_classes * per_class, image_size * image_size)
-        amp = 1.0 + 0.3 * torch.randn(m, per_image, generator=g)
-        impulses[torch.arange(m).view(m, 1), which, pos] = amp
-        impulses = impulses.view(m, -1, image_size, image_size)
-        x = F.conv2d(impulses, motifs.flip(2, 3), padding=k // 2)
+        sign = torch.randint(0, 2, (m,), generator=g).double() * 2 - 1
+        a = (sign * (angle[y] + 0.06 * torch.randn(m, generator=g, dtype=torch.float64))).view(m, 1, 1)
+        f = (freq[y] * (1 + 0.05 * torch.randn(m, generator=g, dtype=torch.float64))).view(m, 1, 1)
+        phase = (2 * math.pi * torch.rand(m, generator=g, dtype=torch.float64)).view(m, 1, 1)
+        grating = torch.cos(2 * math.pi * f * (xx * torch.cos(a) + yy * torch.sin(a)) + phase).float()
+        mask = torch.sigmoid(2.0 * _smooth_fields(m, 1, image_size, g))
+        x = 1.5 * (mask * grating.unsqueeze(1)) * gains
         x += noise * _smooth_fields(m, channels, image_size, g)
         x += 0.5 * noise * torch.randn(x.shape, generator=g)
         images[s : s + m] = (128.0 + 40.0 * x).round_().clamp_(0, 255).to(torch.uint8)
