@@ -76,7 +76,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
         report(f"{job}{e}", e.exit_code)
         if not multirun:
             sys.exit(e.exit_code)
-        return float("nan")
+        return None  # a failed job: sweepers record it as failed (Optuna's would crash on NaN)
     except Exception as e:  # noqa: BLE001 - runtime failure: one line, traceback only in debug mode
         if debug:
             traceback.print_exc()
@@ -84,8 +84,8 @@ def hydra_entry(cfg: DictConfig) -> float | None:
                                                                     if not debug else ""), 1)
         if not multirun:
             sys.exit(1)
-        return float("nan")
+        return None
     final = results["final"]
     log.info("done: %s test_acc %.4f (last epoch %.4f); results in %s", final["stage"], final["test_acc"],
              final["test_acc_last"], run_dir / "results.json")
-    return float(final["val_acc"])
+    return None if final.get("val_acc") is None else float(final["val_acc"])  # what sweepers optimize

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Tiny, learnable synthetic data and short training: every CLI test runs in seconds.
-SYNTH = ["data=synthetic", "data.n_train=640", "data.n_test=200", "data.batch_size=64", "logger=csv",
+SYNTH = ["preset=none", "data=synthetic", "data.n_train=640", "data.n_test=200", "data.batch_size=64", "logger=csv",
          "trainer.max_epochs=2", "optimizer.lr=0.05", "callbacks.progress=plain"]
 
 

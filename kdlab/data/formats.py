@@ -100,6 +100,8 @@ def cifar_batch_arrays(path: str | Path, label_key: str, num_classes: int) -> tu
         raise DataError(f"{path} lacks the 'data' or {label_key!r} entry (keys: {', '.join(sorted(d))})")
     data = np.asarray(d["data"])
     labels = np.asarray(d[label_key])
+    if labels.size == 0:  # an empty list has no integer dtype; emptiness is reported by the caller
+        labels = labels.astype(np.int64)
     if data.dtype != np.uint8:
         raise DataError(f"{path}: 'data' has dtype {data.dtype}, expected uint8")
     if data.ndim == 2 and data.shape[1] == 3 * 32 * 32:
