@@ -37,25 +37,62 @@ def register_configs() -> None:
 
 
 class SweepStatus(Callback):
-    """After a multirun: one summary line, and a non-zero exit status if any job failed."""
+    """After a multirun: a summary (one line, plus one per failed job with its error) and exit status 1 if
+    any job failed.
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+    It reads the jobs' results.json, so it works the same whichever launcher ran the jobs (in this process,
+    joblib workers, submitit/SLURM). A job counts if it wrote its results.json or its ``.hydra/`` during
+    this sweep (a reused ``hydra.sweep.dir`` may hold older jobs); a job dir without results.json failed
+    before the pipeline started.
+    """
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import time
+
+        self.started = time.time() - 1.0  # mtime granularity
+
+    @staticmethod
+    def job_statuses(sweep_dir: Path, since: float = 0.0) -> dict[Path, tuple[str, str | None]]:
+        """{job dir: (status, error)} for the jobs of a sweep written at or after ``since``."""
         import json
 
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        statuses: dict[str, str] = {}
-        for path in sorted(sweep_dir.glob("**/results.json")):
+        def fresh(path: Path) -> bool:
             try:
-                statuses[str(path.parent)] = json.loads(path.read_text()).get("status", "unknown")
-            except (OSError, ValueError):
-                statuses[str(path.parent)] = "unreadable"
-        failed = [d for d, s in statuses.items() if s != "completed"]
-        msg = f"sweep {sweep_dir}: {len(statuses)} job(s), {len(statuses) - len(failed)} completed, " \
-              f"{len(failed)} failed"
-        print(f"kdlab: {msg}" + (f" ({', '.join(Path(d).name for d in failed)})" if failed else ""),
-              file=sys.stderr, flush=True)
+                return path.stat().st_mtime >= since
+            except OSError:
+                return False
+
+        jobs: dict[Path, tuple[str, str | None]] = {}
+        for path in sorted(sweep_dir.glob("**/results.json")):
+            if not fresh(path):
+                continue
+            try:
+                data = json.loads(path.read_text())
+                jobs[path.parent] = (str(data.get("status", "unknown")), data.get("error"))
+            except (OSError, ValueError) as e:
+                jobs[path.parent] = ("unreadable", f"results.json: {e}")
+        for hydra_dir in sorted(sweep_dir.glob("**/.hydra")):
+            job_dir = hydra_dir.parent
+            if job_dir not in jobs and job_dir != sweep_dir and fresh(hydra_dir / "config.yaml"):
+                jobs[job_dir] = ("failed", "no results.json (the job failed before its pipeline started)")
+        return dict(sorted(jobs.items(), key=lambda kv: [(0, int(p), "") if p.isdigit() else (1, 0, p)
+                                                          for p in kv[0].relative_to(sweep_dir).parts]))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = self.job_statuses(sweep_dir, self.started)
+        failed = {d: err for d, (status, err) in jobs.items() if status != "completed"}
+        names = ", ".join(str(d.relative_to(sweep_dir)) for d in failed)
+        print(f"kdlab: sweep {sweep_dir}: {len(jobs)} job(s), {len(jobs) - len(failed)} completed, "
+              f"{len(failed)} failed" + (f" ({names})" if failed else ""), file=sys.stderr, flush=True)
+        for d, err in failed.items():
+            first = (str(err).strip().splitlines() or ["-"])[0] if err else "no error recorded"
+            print(f"kdlab:   job {d.relative_to(sweep_dir)} {jobs[d][0]}: {first}", file=sys.stderr, flush=True)
         if failed:
-            STATE["exit"] = max(STATE["exit"], 1)
+            STATE["exit"] = 1  # whatever failed inside (config or runtime), the sweep as a whole exits 1
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -41,14 +41,17 @@ def build_loggers(cfg: dict[str, Any], run_dir: Path, stage: dict[str, Any], gro
             config=wandb_config, save_dir=str(run_dir), offline=(mode == "offline"),
             mode=mode if mode in ("online", "offline", "disabled") else None, reinit="finish_previous",
         ))
+        # Lightning always passes `anonymous`, which wandb >= 0.19 warns about on every run; it has no effect.
+        getattr(loggers[-1], "_wandb_init", {}).pop("anonymous", None)
     return loggers
 
 
-def finish_loggers(loggers: list[Logger]) -> None:
-    """Close every logger so that each stage's W&B run ends before the next stage starts."""
+def finish_loggers(loggers: list[Logger], status: str = "success") -> None:
+    """Close every logger so that each stage's W&B run ends (marked failed when the stage failed) before the
+    next stage starts."""
     for lg in loggers:
-        lg.finalize("success")
+        lg.finalize(status)
         if type(lg).__name__ == "WandbLogger":
-            exp = lg.experiment
-            if hasattr(exp, "finish"):
-                exp.finish()
+            run = getattr(lg, "_experiment", None)  # never start a run just to finish it
+            if run is not None and hasattr(run, "finish"):
+                run.finish(exit_code=0 if status == "success" else 1)

@@ -387,6 +387,18 @@ def test_loader_shuffles_per_epoch_and_reruns_identically():
     assert torch.equal(torch.cat([b[2] for b in loader]), a[2][0])
 
 
+def test_sampler_shards_cover_the_split():
+    from kdlab.data import EpochSampler
+
+    shards = [EpochSampler(11, shuffle=True, seed=0, rank=r, world_size=3) for r in range(3)]
+    parts = [s.order(4) for s in shards]
+    assert all(len(p) == len(s) == 4 for p, s in zip(parts, shards))
+    assert set(torch.cat(parts).tolist()) == set(range(11))
+    full = EpochSampler(11, True, 0).order(4)
+    padded = torch.cat([full, full[:1]])  # wrapped to a multiple of the world size, as DistributedSampler
+    assert all(torch.equal(p, padded[r::3]) for r, p in enumerate(parts))
+
+
 def test_eval_loaders_in_order_unaugmented():
     dm = synth()
     xs, idx = zip(*[(x, i) for x, _, i in dm.train_eval_dataloader()])
@@ -394,7 +406,7 @@ def test_eval_loaders_in_order_unaugmented():
     assert torch.equal(torch.cat(xs), dm.normalizer(dm.train_images))
     assert len(dm.train_eval_dataloader()) == -(-dm.train_size // 64)  # batch_size_eval = 2 * 32
     assert torch.equal(torch.cat([i for _, _, i in dm.val_dataloader()]), torch.arange(dm.val_size))
-    x, y, i = next(iter(dm.test_dataloader()))
+    x, y, _ = next(iter(dm.test_dataloader()))
     assert x.shape == (50, 1, 28, 28) and torch.equal(y, dm.test_labels[:50])
 
 
@@ -526,3 +538,35 @@ def test_imagefolder_errors(tmp_path):
     write_pngs(tmp_path, "test", {"a": 1, "zebra": 1})
     with pytest.raises(DataError, match="zebra"):
         build_datamodule(cfg, 4, 0)
+
+
+def test_synthetic_defaults_are_learnable_but_not_trivial():
+    torch.manual_seed(0)
+    dm = build_datamodule({"name": "synthetic"}, 64, 0)
+    assert (dm.train_size, dm.val_size, dm.test_size, dm.num_classes) == (1800, 200, 500, 10)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def accuracy() -> float:
+        model.eval()
+        with torch.no_grad():
+            hits = sum((model(x).argmax(1) == y).sum().item() for x, y, _ in dm.test_dataloader())
+        model.train()
+        return hits / dm.test_size
+
+    train, accs = dm.train_dataloader(), []
+    for _ in range(4):
+        for x, y, _ in train:
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        accs.append(accuracy())
+    assert accs[0] < 0.95, accs  # not solved at once
+    assert max(accs[2:]) > 0.8, accs  # but learned within a few epochs

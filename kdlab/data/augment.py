@@ -45,7 +45,7 @@ def crop_flip(
         return torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     oy, ox = offsets
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
-    hp, wp = xp.shape[2], xp.shape[3]
+    wp = xp.shape[3]
     rows = oy.view(b, 1) + torch.arange(h, device=x.device).view(1, h)  # (B, H)
     cols = ox.view(b, 1) + torch.arange(w, device=x.device).view(1, w)  # (B, W)
     if flip is not None:

@@ -53,8 +53,9 @@ def _torchvision_download(name: str, root: Path, fetch: Callable[[str], object])
     with _download_lock(root, name):
         try:
             fetch(str(root))
-        except Exception as e:  # network, disk, checksum: all end as one line
-            raise DataError(f"downloading {name} into {root} failed: {type(e).__name__}: {e}") from None
+        except (OSError, RuntimeError, ValueError) as e:  # network (URLError is an OSError), disk, checksum
+            reason = " ".join(str(e).split())  # torchvision's messages span lines
+            raise DataError(f"downloading {name} into {root} failed: {type(e).__name__}: {reason}") from None
 
 
 # ---- CIFAR ---------------------------------------------------------------------------------------

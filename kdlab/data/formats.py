@@ -10,7 +10,7 @@ import io
 import pickle
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -52,10 +52,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
 
 
+# what a truncated, corrupt or foreign pickle can raise while loading
+_UNPICKLE_ERRORS = (
+    pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+    KeyError, struct.error,
+)
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only (the CIFAR batches hold nothing else)."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
@@ -87,7 +94,7 @@ def load_cifar_pickle(path: str | Path) -> dict[str, Any]:
         obj = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    except Exception as e:  # any unpickling failure means a corrupt or foreign file
+    except _UNPICKLE_ERRORS as e:  # any of these means a corrupt or foreign file
         raise DataError(f"{path} is not a readable CIFAR batch: {type(e).__name__}: {e}") from None
     return _str_keys(obj, path)
 

@@ -4,7 +4,7 @@ Per batch it indexes the uint8 tensor, crops/flips in uint8 on the tensor's devi
 worker processes and no PIL. Order and augmentation are drawn from CPU generators seeded from
 (seed, epoch), so a rerun is identical and every epoch differs. Lightning calls
 ``loader.sampler.set_epoch(e)`` before each epoch (as it does for DataLoaders), which keeps the order
-right after a resume; without Lightning the epoch advances by one per ``iter()``.
+right after a resume; without Lightning the epoch advances by one per pass (taken at the first batch).
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.next_order()[1].tolist())
+        # a generator, so the epoch is taken at the first next() (after Lightning's set_epoch)
+        yield from self.next_order()[1].tolist()
 
 
 class TensorLoader:
@@ -103,6 +104,8 @@ class TensorLoader:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # A generator: the epoch is read at the first next(), not at iter(). Lightning creates its
+        # iterators before calling set_epoch, so reading it eagerly would replay an order.
         epoch, order = self.sampler.next_order()
         offsets = flip = None
         if self.augment != "none":
@@ -116,7 +119,7 @@ class TensorLoader:
             offsets = (offsets[0].to(device), offsets[1].to(device))
         if flip is not None:
             flip = flip.to(device)
-        return self._batches(order, offsets, flip)
+        yield from self._batches(order, offsets, flip)
 
     def _batches(self, order, offsets, flip):
         bs = self.batch_size

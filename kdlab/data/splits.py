@@ -42,7 +42,7 @@ def train_val_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, val indices), disjoint, sorted, stratified; val has round(val_split * n) >= 1."""
     n = len(labels)
-    n_val = max(1, int(round(val_split * n)))
+    n_val = max(1, round(val_split * n))
     if n - n_val < 1:
         raise ConfigError(
             f"data.val_split={val_split} leaves no training images out of {n} in {dataset}; "

@@ -204,7 +204,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     progress, bar = progress_callbacks(str((ctx.cfg.get("callbacks") or {}).get("progress", "auto")), spec.name)
     stage_info = {"name": spec.name, "role": spec.role, "arch": spec.arch, "method": ctx.method,
                   "dataset": ctx.dataset}
-    wandb_config = {"stage": {**stage_info, "sources": spec.sources, "store_key": key, **description},
+    wandb_config = {"stage": {**stage_info, **description, "sources": spec.sources,
+                              "source_keys": description.get("sources", []), "store_key": key},
                     "pipeline": ctx.cfg}
     loggers = build_loggers(ctx.cfg.get("logger") or {}, ctx.run_dir, stage_info, ctx.group, wandb_config)
     trainer = pl.Trainer(**trainer_kwargs(ctx, spec), callbacks=[ckpt, *progress], logger=loggers or False,
@@ -213,6 +214,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     if resume.exists():
         log.info("stage %s: resuming from %s", spec.name, resume)
     t0 = time.perf_counter()
+    status = "failed"
     try:
         trainer.fit(module, datamodule=ctx.dm, ckpt_path=str(resume) if resume.exists() else None,
                     weights_only=True)
@@ -226,8 +228,9 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint"))
         module.model.load_state_dict(best_state)
         test_best = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+        status = "success"
     finally:
-        finish_loggers(loggers)
+        finish_loggers(loggers, status)
         if isinstance(module, DistillModule):
             module.bank.close()
     curve = list(module.val_curve)
