@@ -10,16 +10,45 @@ HYDRA_FULL_ERROR=1.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable
 
 from kdlab.hydra_app import CONF_DIR, STATE, report
+
 
 def _one_line(text: str) -> str:
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
     return "; ".join(lines) if lines else "invalid configuration"
+
+
+def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> str:
+    """Hydra's composition errors as one line naming the bad value and the accepted ones.
+
+    ``keys_of(parent)`` lists the keys of a config node (composed without the bad override), or None.
+    """
+    text = str(e)
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if missing and "Available options in" in text:  # model=resnet7, data=imagenet, +experiment=nope
+        group, _, name = missing.group(1).rpartition("/")
+        block = text.split("Available options in", 1)[1].split("Config search path", 1)[0]
+        options = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
+        return f"unknown {group or 'config'} {name!r}; known: {', '.join(options)}"
+    bad = re.search(r"Could not override '([^']+)'", text)
+    cause = re.search(r"full_key: (\S+)", str(e.__cause__ or ""))
+    if bad:  # a key that does not exist (a typo, or a key of another data set)
+        full = cause.group(1) if cause else bad.group(1)
+        parent, _, leaf = full.rpartition(".")
+        known = keys_of(parent) or []
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
+        listed = f"; keys in {parent or 'the root config'}: {', '.join(known)}" if known else ""
+        return (f"unknown config key {full!r}{hint}{listed}; to add a new key write +{bad.group(1)}=...")
+    return _one_line(text)
 
 
 def _quiet_libraries() -> None:
@@ -45,10 +74,7 @@ def preflight(argv: list[str]) -> None:
     from kdlab.config import validate_config
     from kdlab.errors import KdlabError
 
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit:
-        raise
+    args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path \
             or args.config_dir or args.experimental_rerun:
         return
@@ -59,13 +85,21 @@ def preflight(argv: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - Hydra's parser errors
         report(_one_line(e), 2)
         sys.exit(2)
+    given: dict[str, list[str]] = {}
+    for ov, text in zip(parsed, args.overrides):
+        if not ov.key_or_group.startswith("hydra"):
+            given.setdefault(ov.key_or_group, []).append(text)
+    for key, texts in given.items():  # Hydra silently keeps the last one
+        if len(texts) > 1:
+            report(f"conflicting overrides: {key} is given {len(texts)} times ({', '.join(texts)}); give it once", 2)
+            sys.exit(2)
     for ov, text in zip(parsed, args.overrides):
         if ov.key_or_group.startswith("hydra"):
             continue
         if ov.is_sweep_override():
             try:
                 first = next(iter(ov.sweep_string_iterator()))
-            except Exception:  # noqa: BLE001 - e.g. optuna's interval(): nothing to check here
+            except Exception:  # noqa: BLE001, S112 - e.g. optuna's interval(): nothing to check here
                 continue
             overrides.append(f"{ov.get_key_element()}={first}")
         else:
@@ -84,10 +118,23 @@ def preflight(argv: list[str]) -> None:
             raise
         report(str(e), e.exit_code)
         sys.exit(e.exit_code)
-    except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf composition errors are config errors
+    except Exception as e:
         if debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        report(_one_line(e), 2)
+
+        def keys_of(parent: str) -> list[str] | None:
+            try:
+                GlobalHydra.instance().clear()
+                with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                    node = compose(config_name=args.config_name or "config",
+                                   overrides=[o for o in overrides if not o.lstrip("+~").startswith(parent + ".")
+                                              or "=" not in o])
+                node = OmegaConf.select(node, parent) if parent else node
+                return sorted(str(k) for k in node) if hasattr(node, "keys") else None
+            except Exception:  # noqa: BLE001 - only a hint
+                return None
+
+        report(_explain(e, keys_of), 2)
         sys.exit(2)
     finally:
         GlobalHydra.instance().clear()

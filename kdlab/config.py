@@ -1,11 +1,12 @@
 """Config checks that run before anything trains: bad values end with one clear line (exit status 2)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from kdlab.distill import STRATEGIES, SCHEDULES, SourceSelector
+from kdlab.distill import SCHEDULES, STRATEGIES, SourceSelector
 from kdlab.distill.losses import KL_REDUCTIONS
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, unknown_name
 from kdlab.models import MODELS
 from kdlab.pipeline.spec import StageSpec, build_stages
 
@@ -44,8 +45,25 @@ def validate_distill(d: dict[str, Any], where: str = "distill") -> None:
         raise ConfigError(f"{where}.label_smoothing must be in [0, 1), got {ls!r}")
 
 
+ON_NAN = ("stop", "rollback")
+
+
+def validate_run_settings(cfg: dict[str, Any]) -> None:
+    """Top-level settings checked before the stage list is built from them."""
+    trainer = cfg.get("trainer") or {}
+    if "max_epochs" in trainer:
+        _positive(trainer["max_epochs"], "trainer.max_epochs", integer=True)
+    on_nan = cfg.get("on_nan", "stop")
+    if on_nan not in ON_NAN:
+        raise unknown_name("on_nan", on_nan, ON_NAN)
+    ckpt = (cfg.get("pipeline") or {}).get("teacher_checkpoint")
+    if ckpt is not None and not Path(str(ckpt)).is_file():
+        raise ConfigError(f"pipeline.teacher_checkpoint {str(ckpt)!r} does not exist or is not a file")
+
+
 def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
     """Checks that need the stage list: model names, epochs, learning rates, strategies, stochastic settings."""
+    validate_run_settings(cfg)
     data = cfg.get("data") or {}
     _positive(data.get("batch_size"), "data.batch_size", integer=True)
     for s in specs:
@@ -68,6 +86,7 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
 
 def validate_config(cfg: dict[str, Any]) -> list[StageSpec]:
     """Everything that can be checked from the config alone (no data, no models built)."""
+    validate_run_settings(cfg)
     specs = build_stages(cfg)
     validate_stages(specs, cfg)
     top = cfg.get("distill") or {}

@@ -5,6 +5,7 @@ Every error a user can cause ends the program with one clear line and a fixed ex
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 
@@ -42,3 +43,9 @@ def unknown_name(kind: str, name: object, known: Iterable[str]) -> ConfigError:
     """The error for an unknown registry name, listing the known ones."""
     known = sorted(known)
     return ConfigError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
+
+
+def warn(message: str) -> None:
+    """A warning the user must see (a corrupted stage being retrained, a growing chain): one line on stderr,
+    where errors go too, while the log (progress, INFO) goes to stdout and the run's log file."""
+    print(f"kdlab: warning: {message}", file=sys.stderr, flush=True)

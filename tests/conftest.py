@@ -15,7 +15,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Tiny, learnable synthetic data and short training: every CLI test runs in seconds.
 SYNTH = ["preset=none", "data=synthetic", "data.n_train=640", "data.n_test=200", "data.batch_size=64", "logger=csv",
-         "trainer.max_epochs=2", "optimizer.lr=0.05", "callbacks.progress=plain"]
+         "trainer.max_epochs=2", "optimizer.lr=0.01", "callbacks.progress=plain"]
 
 
 def kdlab_env(extra: dict[str, str] | None = None) -> dict[str, str]:

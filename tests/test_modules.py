@@ -97,12 +97,14 @@ def test_cached_and_live_sources_give_the_same_losses(dm):
     assert live.bank.forward_calls == {n: 1 for n in srcs}
 
 
-def test_supervised_module_learns(dm):
+def test_supervised_module_learns():
+    dm = build_datamodule({"name": "synthetic", "n_train": 1200, "n_test": 200, "augment": "none"}, batch_size=32,
+                          seed=0)
     torch.manual_seed(0)
-    mod = SupervisedModule(build_model("plain2", num_classes=10, in_channels=1, input_size=28), 10,
-                           functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9), None, max_epochs=3)
+    mod = SupervisedModule(build_model("plain4", num_classes=10, in_channels=1, input_size=28), 10,
+                           functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), None, max_epochs=3)
     trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
     trainer.fit(mod, datamodule=dm)
     assert len(mod.val_curve) == 3
-    assert max(mod.val_curve) > 0.3  # 10 classes: chance is 0.1
+    assert max(mod.val_curve) > 0.5  # 10 classes: chance is 0.1

@@ -14,11 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, kdlab_env, run_kdlab
+from tests.conftest import ROOT, SYNTH, kdlab_env, run_kdlab
 
 # Seconds per job: 1 epoch on 320 images; the time goes into process start-up, not training.
 TINY = ["+experiment=dgkd_synthetic_test", "data.n_train=320", "data.n_test=100", "trainer.max_epochs=1"]
 TWO_STAGES = ["pipeline=direct", "pipeline.chain=[plain4,plain2]", "distill.stochastic.mode=none"]
+
+
+def sweep_cli(args: list[str], out: Path, sweep: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    """``run_kdlab`` on the shared synthetic settings, each key given once (ours win)."""
+    ours = {a.split("=", 1)[0].lstrip("+~") for a in args}
+    base = [a for a in SYNTH if a.split("=", 1)[0] not in ours]
+    return run_kdlab(base + list(args), out, sweep, synth=False, **kw)
 
 
 def job_results(sweep: Path) -> dict[str, dict]:
@@ -40,7 +47,7 @@ def compare(*args: str) -> subprocess.CompletedProcess:
 def joblib_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("joblib")
     # T and lambda only change the TAs and the student: the teacher (labels only) is the same stage in all 4
-    r = run_kdlab([*TINY, "distill.temperature=2,4", "distill.lam=0.3,0.7", "hydra/launcher=joblib",
+    r = sweep_cli([*TINY, "distill.temperature=2,4", "distill.lam=0.3,0.7", "hydra/launcher=joblib",
                    "hydra.launcher.n_jobs=2"], tmp / "out", tmp / "sweep", multirun=True)
     return tmp / "sweep", r
 
@@ -102,7 +109,7 @@ FAILING = ["optimizer.lr=0.05,-1,1e30"]  # fine; bad config (job 1); NaN loss at
 def failing_sweep(request, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp(f"failing_{request.param}")
     # the preflight checks only the first combination (fine), so the bad ones fail inside their jobs
-    r = run_kdlab([*TINY, *TWO_STAGES, *FAILING, f"hydra/launcher={request.param}",
+    r = sweep_cli([*TINY, *TWO_STAGES, *FAILING, f"hydra/launcher={request.param}",
                    *(["hydra.launcher.n_jobs=2"] if request.param == "joblib" else [])],
                   tmp / "out", tmp / "sweep", multirun=True)
     return tmp / "sweep", r
@@ -163,7 +170,7 @@ def test_sweep_status_counts_only_this_sweeps_jobs(tmp_path):
 
 # -- submitit ------------------------------------------------------------------------------------------
 def test_submitit_local_sweep(tmp_path):
-    r = run_kdlab([*TINY, *TWO_STAGES, "distill.temperature=2,4", "hydra/launcher=submitit_local",
+    r = sweep_cli([*TINY, *TWO_STAGES, "distill.temperature=2,4", "hydra/launcher=submitit_local",
                    "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1"],
                   tmp_path / "out", tmp_path / "sweep", multirun=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -176,41 +183,97 @@ def test_submitit_local_sweep(tmp_path):
     assert "2 job(s), 2 completed, 0 failed" in r.stderr
 
 
-FAKE_SBATCH = """#!/bin/sh
-# stands in for SLURM's sbatch: keep the script submitit wrote, refuse the submission
-cp "$1" "$KDLAB_SBATCH_COPY"
-echo "sbatch: error: fake sbatch of the kdlab tests" >&2
-exit 1
+# A stand-in SLURM for the real submitit plugin: sbatch starts the array's tasks in the background and
+# returns, srun runs its command, sacct reports the tasks' states. Enough for submitit to submit, watch and
+# collect the jobs as on a cluster.
+FAKE_SBATCH = r"""#!{python}
+import os, re, subprocess, sys
+from pathlib import Path
+
+fake = Path(os.environ["FAKE_SLURM_DIR"])
+script = Path(sys.argv[-1]).read_text()
+(fake / "job.sbatch").write_text(script)
+m = re.search(r"#SBATCH --array=(\d+)-(\d+)", script)
+tasks = range(int(m[1]), int(m[2]) + 1) if m else [0]
+(fake / "state").mkdir(exist_ok=True)
+for t in tasks:
+    (fake / "state" / f"4242_{{t}}").write_text("PENDING")
+subprocess.Popen([sys.executable, str(fake / "bin" / "slurm_runner"), str(fake / "job.sbatch"), *map(str, tasks)],
+                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print("Submitted batch job 4242")
+"""
+
+FAKE_RUNNER = r"""#!{python}
+import os, subprocess, sys
+from pathlib import Path
+
+fake = Path(os.environ["FAKE_SLURM_DIR"])
+script, tasks = sys.argv[1], sys.argv[2:]
+for t in tasks:
+    (fake / "state" / f"4242_{{t}}").write_text("RUNNING")
+    env = dict(os.environ, SLURM_JOB_ID=str(5000 + int(t)), SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID=t,
+               SLURM_NTASKS="1", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_PROCID="0",
+               SLURM_LOCALID="0", SLURM_JOB_NODELIST="localhost", SLURM_JOB_NAME="kdlab")
+    with open(fake / f"4242_{{t}}.log", "w") as log:
+        rc = subprocess.call(["bash", script], env=env, stdout=log, stderr=subprocess.STDOUT)
+    (fake / "state" / f"4242_{{t}}").write_text("COMPLETED" if rc == 0 else "FAILED")
+"""
+
+FAKE_SRUN = r"""#!{python}
+import os, sys
+
+args = sys.argv[1:]
+while args and args[0].startswith("--"):
+    args = args[2:] if args[0] in ("--output", "--error") else args[1:]
+os.execvp(args[0], args)
+"""
+
+FAKE_SACCT = r"""#!{python}
+import os
+from pathlib import Path
+
+print("JobID|State|NodeList")
+for f in sorted(Path(os.environ["FAKE_SLURM_DIR"], "state").glob("*")):
+    print(f"{{f.name}}|{{f.read_text()}}|localhost")
 """
 
 
-def test_slurm_preset_renders_the_sbatch_script(tmp_path):
-    """hydra/launcher=slurm through the real plugin and submitit, up to the sbatch call."""
+def fake_slurm(tmp_path: Path) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
-    (bin_dir / "sbatch").chmod(0o755)
-    copy = tmp_path / "job.sbatch"
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "KDLAB_SBATCH_COPY": str(copy)}
-    r = run_kdlab([*TINY, "seed=0,1", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                   "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=90",
+    for name, text in (("sbatch", FAKE_SBATCH), ("slurm_runner", FAKE_RUNNER), ("srun", FAKE_SRUN),
+                       ("sacct", FAKE_SACCT)):
+        (bin_dir / name).write_text(text.format(python=sys.executable))
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(tmp_path)}
+
+
+def test_slurm_preset_on_a_fake_cluster(tmp_path):
+    """hydra/launcher=slurm through the real plugin and submitit: the sbatch script carries the preset's and
+    the command line's settings; the jobs run, are collected and share their teacher."""
+    r = sweep_cli([*TINY, *TWO_STAGES, "distill.temperature=2,4", "hydra/launcher=slurm",
+                   "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=90",
                    "hydra.launcher.account=lab", "+hydra.launcher.additional_parameters.mail-type=END",
-                   "hydra.launcher.setup=['module load cuda']"],
-                  tmp_path / "out", tmp_path / "sweep", multirun=True, env=env)
-    assert r.returncode != 0 and copy.exists(), r.stderr[-3000:]
-    script = copy.read_text()
+                   "hydra.launcher.setup=['export KDLAB_ON_SLURM=1']"],
+                  tmp_path / "out", tmp_path / "sweep", multirun=True, env=fake_slurm(tmp_path), timeout=300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("4242_*.log"))
+    assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
+    script = (tmp_path / "job.sbatch").read_text()
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --account=lab", "#SBATCH --mail-type=END", "#SBATCH --array=0-1%16",
-                 "#SBATCH --job-name=kdlab", "module load cuda"):
+                 "#SBATCH --account=lab", "#SBATCH --mail-type=END", "#SBATCH --array=0-1%2",
+                 "#SBATCH --job-name=kdlab", "export KDLAB_ON_SLURM=1", "submitit.core._submit"):
         assert line in script, line
-    assert "submitit.core._submit" in script
+    jobs = job_results(tmp_path / "sweep")
+    assert sorted(jobs) == ["0", "1"] and all(res["status"] == "completed" for res in jobs.values())
+    assert sum(not stage(res, "teacher")["cached"] for res in jobs.values()) == 1
+    assert "2 job(s), 2 completed, 0 failed" in r.stderr
 
 
 # -- Optuna --------------------------------------------------------------------------------------------
 def test_optuna_sweep_returns_the_students_val_acc(tmp_path):
     # no -m: the config sets MULTIRUN itself
-    r = run_kdlab([*TINY, *TWO_STAGES, "hparams_search=dgkd_optuna", "hydra.sweeper.n_trials=2",
+    r = sweep_cli([*TINY, *TWO_STAGES, "hparams_search=dgkd_optuna", "hydra.sweeper.n_trials=2",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path / "out")
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = job_results(tmp_path / "sweep")
@@ -229,7 +292,7 @@ def test_optuna_sweep_returns_the_students_val_acc(tmp_path):
 
 def test_optuna_survives_a_failed_trial(tmp_path):
     # TPE (seed 1234) draws T = -1 first, then 4: a failed trial, then a good one
-    r = run_kdlab([*TINY, *TWO_STAGES, "hparams_search=dgkd_optuna", "hydra.sweeper.n_trials=2",
+    r = sweep_cli([*TINY, *TWO_STAGES, "hparams_search=dgkd_optuna", "hydra.sweeper.n_trials=2",
                    "distill.temperature=choice(4.0,-1.0)", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                   tmp_path / "out")
     jobs = job_results(tmp_path / "sweep")

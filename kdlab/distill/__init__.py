@@ -3,16 +3,23 @@
 One file per method; every strategy is registered in :data:`STRATEGIES` under the name used in
 ``distill.strategy``.
 """
-from kdlab.distill.base import STRATEGIES, SourceOutput, Strategy, StudentOutput, build_strategy
 from kdlab.distill import ce as _ce  # noqa: F401  (registers)
-from kdlab.distill import kd as _kd  # noqa: F401
 from kdlab.distill import dgkd as _dgkd  # noqa: F401
 from kdlab.distill import feed as _feed  # noqa: F401
+from kdlab.distill import kd as _kd  # noqa: F401
+from kdlab.distill.base import STRATEGIES, SourceOutput, Strategy, StudentOutput, build_strategy
 from kdlab.distill.losses import kd_loss
 from kdlab.distill.schedules import SCHEDULES, build_schedule
 from kdlab.distill.stochastic import SourceSelector
 
 __all__ = [
-    "STRATEGIES", "SCHEDULES", "SourceOutput", "StudentOutput", "Strategy", "SourceSelector",
-    "build_strategy", "build_schedule", "kd_loss",
+    "SCHEDULES",
+    "STRATEGIES",
+    "SourceOutput",
+    "SourceSelector",
+    "Strategy",
+    "StudentOutput",
+    "build_schedule",
+    "build_strategy",
+    "kd_loss",
 ]

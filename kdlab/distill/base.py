@@ -71,6 +71,11 @@ class Strategy(nn.Module):
                                      cfg.get("lam_milestones") or (0.5,))
 
     # -- what the stage must record -------------------------------------------------------------
+    @classmethod
+    def taps(cls, cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """Feature points (student, sources) this strategy records, known before it is built."""
+        return [], []
+
     def student_taps(self) -> list[str]:
         return []
 

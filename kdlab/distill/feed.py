@@ -67,6 +67,11 @@ class FEED(Strategy):
             self.translators[name] = Translator(s_shape[0], t_shape[0])
             self._target_sizes[name] = (t_shape[1], t_shape[2])
 
+    @classmethod
+    def taps(cls, cfg) -> tuple[list[str], list[str]]:
+        feed = dict(cfg.get("feed") or {})
+        return [str(feed.get("student_tap", "prepool"))], [str(feed.get("source_tap", "prepool"))]
+
     def student_taps(self) -> list[str]:
         return [self.student_tap]
 

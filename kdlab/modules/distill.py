@@ -45,7 +45,7 @@ class SourceBank:
         return list(self.models)
 
     def to(self, device: torch.device) -> SourceBank:
-        for name, m in self.models.items():
+        for m in self.models.values():
             m.to(device)
             if self.channels_last:
                 m.to(memory_format=torch.channels_last)

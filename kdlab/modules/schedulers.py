@@ -17,7 +17,7 @@ def constant(optimizer: torch.optim.Optimizer, max_epochs: int) -> LambdaLR:
 def multistep(optimizer: torch.optim.Optimizer, max_epochs: int, milestones: Sequence[float] = (0.5, 0.75),
               gamma: float = 0.1) -> MultiStepLR:
     """Decay by ``gamma`` at each milestone (a fraction of ``max_epochs``, or an epoch if > 1)."""
-    epochs = sorted({int(round(m * max_epochs)) if m <= 1 else int(m) for m in milestones})
+    epochs = sorted({round(m * max_epochs) if m <= 1 else int(m) for m in milestones})
     return MultiStepLR(optimizer, milestones=[e for e in epochs if e > 0], gamma=gamma)
 
 

@@ -1,7 +1,6 @@
 """SupervisedModule: one model trained from labels. DistillModule extends it with frozen sources."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdlab.errors import TrainingError
+from kdlab.errors import ConfigError, TrainingError, warn
 
 
 class SupervisedModule(pl.LightningModule):
@@ -20,12 +19,27 @@ class SupervisedModule(pl.LightningModule):
 
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``): the optimizer gets the
     parameters, the scheduler gets the optimizer and ``max_epochs``.
+
+    ``on_nan``: a NaN/inf loss either stops the stage (``stop``: a TrainingError naming stage, epoch and
+    step) or (``rollback``) restores the weights from the start of the epoch (the last checkpointed
+    state), resets the optimizer's state, multiplies the learning rate by ``ROLLBACK_LR_FACTOR`` and skips
+    the batch -- at most ``max_rollbacks`` times, then it stops.
     """
+
+    ON_NAN = ("stop", "rollback")
+    ROLLBACK_LR_FACTOR = 0.1
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, max_epochs: int = 1, stage: str = "stage",
-                 label_smoothing: float = 0.0, channels_last: bool = False):
+                 label_smoothing: float = 0.0, channels_last: bool = False, on_nan: str = "stop",
+                 max_rollbacks: int = 3):
         super().__init__()
+        if on_nan not in self.ON_NAN:
+            raise ConfigError(f"unknown on_nan {on_nan!r}; known: {', '.join(self.ON_NAN)}")
+        self.on_nan = on_nan
+        self.max_rollbacks = int(max_rollbacks)
+        self.rollbacks = 0
+        self._good_state: dict[str, torch.Tensor] | None = None
         self.model = model
         self.stage_name = stage
         self.optimizer_factory = optimizer
@@ -60,6 +74,8 @@ class SupervisedModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
+        if self.on_nan == "rollback":  # the state at the epoch's start is the last checkpointed one
+            self._good_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def progress(self) -> float:
         return self.current_epoch / max(self.max_epochs_total, 1)
@@ -78,7 +94,8 @@ class SupervisedModule(pl.LightningModule):
         loss = sum(weights[name] * value for name, value in terms.items() if weights[name] != 0.0)
         if not isinstance(loss, torch.Tensor):  # every weight is zero
             loss = logits.sum() * 0.0
-        self._check_finite(loss, batch_idx)
+        if not self._check_finite(loss, batch_idx):
+            return None  # rolled back: Lightning skips this batch's backward and optimizer step
         self.train_acc(logits.detach(), y)
         bs = y.shape[0]
         self.samples_seen += bs
@@ -88,15 +105,45 @@ class SupervisedModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
-    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """True to go on; False after a rollback (skip the batch); raises to stop the stage."""
         # On accelerators a per-step check would force a device sync; there it runs every 25 steps
         # (a NaN never recovers, so it is still caught, naming the step where it was seen).
-        if loss.device.type != "cpu" and batch_idx % 25:
-            return
-        if not bool(torch.isfinite(loss)):
-            raise TrainingError(
-                f"stage {self.stage_name!r}: loss is {float(loss)} at epoch {self.current_epoch}, step "
-                f"{self.global_step} (batch {batch_idx}); lower the learning rate or set on_nan=rollback")
+        if loss.device.type != "cpu" and batch_idx % 25 and self.on_nan == "stop":
+            return True
+        bad = not bool(torch.isfinite(loss))
+        if self.on_nan == "rollback" and self._trainer is not None and self.trainer.world_size > 1:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))  # all ranks roll back
+        if not bad:
+            return True
+        where = (f"stage {self.stage_name!r}: loss is {float(loss)} at epoch {self.current_epoch}, step "
+                 f"{self.global_step} (batch {batch_idx})")
+        if self.on_nan == "rollback" and self._good_state is not None:
+            if self.rollbacks < self.max_rollbacks:
+                self._rollback(where)
+                return False
+            raise TrainingError(f"{where}; still not finite after {self.rollbacks} rollbacks (learning rate now "
+                                f"{self._lrs()}); lower optimizer.lr")
+        raise TrainingError(f"{where}; lower the learning rate or set on_nan=rollback")
+
+    def _lrs(self) -> str:
+        return ", ".join(f"{g['lr']:g}" for opt in self.trainer.optimizers for g in opt.param_groups)
+
+    def _rollback(self, where: str) -> None:
+        self.rollbacks += 1
+        self.load_state_dict(self._good_state)
+        for opt in self.trainer.optimizers:
+            opt.state.clear()  # momentum / Adam moments may hold the blow-up
+            for group in opt.param_groups:
+                group["lr"] *= self.ROLLBACK_LR_FACTOR
+                if "initial_lr" in group:
+                    group["initial_lr"] *= self.ROLLBACK_LR_FACTOR
+        for config in self.trainer.lr_scheduler_configs:  # schedules recompute lr from base_lrs
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [lr * self.ROLLBACK_LR_FACTOR for lr in config.scheduler.base_lrs]
+        warn(f"{where}; rolled back to the weights at the start of epoch {self.current_epoch} with the "
+             f"learning rate x{self.ROLLBACK_LR_FACTOR:g} ({self._lrs()}); rollback {self.rollbacks} of "
+             f"{self.max_rollbacks}")
 
     # -- evaluation ---------------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -142,7 +189,3 @@ class SupervisedModule(pl.LightningModule):
         self.samples_seen = int(checkpoint.get("kdlab_samples_seen", 0))
         if self.val_curve:
             self.val_acc_best.update(torch.tensor(max(self.val_curve)))
-
-
-def is_finite_number(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -2,4 +2,4 @@
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.topology import TOPOLOGIES
 
-__all__ = ["StageSpec", "TOPOLOGIES", "build_stages"]
+__all__ = ["TOPOLOGIES", "StageSpec", "build_stages"]

@@ -14,13 +14,20 @@ from omegaconf import DictConfig, OmegaConf
 import kdlab
 from kdlab.config import validate_stages
 from kdlab.data import build_datamodule
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, warn
 from kdlab.models import build_model
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import (
-    RunContext, build_stage_model, count_params, import_checkpoint, stage_description, train_stage,
+    RunContext,
+    build_stage_model,
+    check_stages,
+    count_params,
+    import_checkpoint,
+    resume_point,
+    stage_description,
+    train_stage,
 )
-from kdlab.store import StageRecord, StageStore, atomic_write_json, stage_key
+from kdlab.store import RankSync, StageRecord, StageStore, atomic_write_json, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +70,8 @@ def warn_if_growing(specs: list[StageSpec], dm: Any) -> None:
     for s in specs:
         for src in s.sources:
             if sizes[src] < sizes[s.name]:
-                log.warning("pipeline grows: %s (%s, %d params) teaches the larger %s (%s, %d params)", src,
-                            next(x.arch for x in specs if x.name == src), sizes[src], s.name, s.arch,
-                            sizes[s.name])
+                warn(f"pipeline grows: {src} ({next(x.arch for x in specs if x.name == src)}, {sizes[src]} "
+                     f"params) teaches the larger {s.name} ({s.arch}, {sizes[s.name]} params)")
 
 
 def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict[str, Any]) -> dict[str, Any]:
@@ -87,38 +93,49 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     results = new_results(plain, list(overrides or []))
     results_path = run_dir / "results.json"
     t0 = time.perf_counter()
+    sync = RankSync()  # DDP: rank 0 decides, looks up and writes; the other ranks follow (kdlab/store.py)
     try:
         specs = build_stages(plain)
         validate_stages(specs, plain)
         store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
-                                                                        .get("on_corrupt", "retrain")))
+                                                                        .get("on_corrupt", "retrain")),
+                           writer=sync.leader)
         data_cfg = {k: v for k, v in plain["data"].items() if k != "batch_size"}
         dm = build_datamodule(data_cfg, batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
         dm.prepare_data()
         dm.setup("fit")
         results["dataset"] = getattr(dm, "name", results["dataset"])
-        warn_if_growing(specs, dm)
+        if sync.leader:
+            warn_if_growing(specs, dm)
         ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
                          dataset=str(results["dataset"]), group=run_group(plain, run_dir))
+        check_stages(specs, ctx)  # every config error surfaces before the first stage is trained
         done: dict[str, tuple[StageSpec, StageRecord]] = {}
         for spec in specs:
             sources = {name: done[name] for name in spec.sources}
             description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
             key = stage_key(description)
-            with store.lock(key, spec.name):
-                record = store.lookup(key, spec.name)
+            with store.lock(key, spec.name):  # held while training: parallel runs wait, then reuse it
+                if sync.leader:
+                    record = store.lookup(key, spec.name)
+                    resume = None if record or spec.checkpoint else resume_point(store.work_dir(key), spec.name)
+                    plan = sync.share({"key": key, "train": record is None, "resume": resume})
+                else:
+                    plan = sync.receive(key, store)
+                    record = None if plan["train"] else store.read(key, spec.name)
                 cached, extra = record is not None, {}
                 if record is None:
                     log.info("stage %s (%s): training, store key %s", spec.name, spec.arch, key)
                     if spec.checkpoint:
                         record = import_checkpoint(spec, key, ctx, description)
                     else:
-                        record, extra = train_stage(spec, key, sources, ctx, description)
+                        record, extra = train_stage(spec, key, sources, ctx, description, resume=plan["resume"])
                 else:
                     log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
             done[spec.name] = (spec, record)
             results["stages"].append(stage_result(spec, record, cached, extra))
-            atomic_write_json(results_path, results)  # progress, still status "running"
+            if sync.leader:
+                atomic_write_json(results_path, results)  # progress, still status "running"
         last = results["stages"][-1]
         results["final"] = {"stage": last["name"], "test_acc": last["test_acc"],
                             "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"]}
@@ -133,7 +150,8 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     finally:
         results["wall_seconds"] = round(time.perf_counter() - t0, 3)
         try:
-            atomic_write_json(results_path, results)
+            if sync.leader:  # one results.json per run, from rank 0
+                atomic_write_json(results_path, results)
         except OSError as write_error:
             log.error("cannot write %s: %s", results_path, write_error)
     return results
@@ -150,4 +168,4 @@ def load_results(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["run_pipeline", "build_stage_model"]
+__all__ = ["build_stage_model", "run_pipeline"]

@@ -6,7 +6,8 @@
     pipeline.roles     optional roles (default teacher / ta / student)
     pipeline.stages    custom graphs: [{name, model, sources: [names], role, distill, ...}]
     pipeline.ensemble  K: the first chain model as K teachers (seeds seed..seed+K-1) -> the student
-    pipeline.generations G: G generations of the first chain model, each taught by the previous one
+    pipeline.generations G: G generations of the first chain model (seeds seed..seed+G-1; names gen1..genG-1,
+                         student), each taught by the previous one (topology sequential; dense: by all)
     pipeline.per_stage {stage name: {distill: {...}, optimizer: {...}, scheduler: {...}, max_epochs, model,
                         seed_offset}}  overrides for one stage
 """
@@ -63,11 +64,13 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[st
     return out
 
 
-def default_names(n: int, topology: str) -> list[str]:
+def default_names(n: int, topology: str, generations: bool = False) -> list[str]:
     if n == 1:
         return ["student"]
     if topology == "ensemble":
         return [f"teacher{i + 1}" for i in range(n - 1)] + ["student"]
+    if generations:  # sequential FEED: gen1 (trained from labels), gen2, ..., and the last one, the student
+        return [f"gen{i + 1}" for i in range(n - 1)] + ["student"]
     return ["teacher"] + [f"ta{i}" for i in range(1, n - 1)] + ["student"]
 
 
@@ -132,7 +135,8 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
         elif n < 2:
             raise ConfigError(f"pipeline.chain needs at least 2 models (teacher and student) for "
                               f"topology={topology}, got {chain}")
-        names = [str(x) for x in (p.get("names") or default_names(n, topology))]
+        names = [str(x) for x in (p.get("names") or default_names(n, topology, generations=g is not None
+                                                                          and topology != "ensemble"))]
         if len(names) != n:
             raise ConfigError(f"pipeline.names has {len(names)} names for a chain of {n} models")
         models = [model_spec(e) for e in chain]

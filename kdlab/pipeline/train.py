@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from kdlab.callbacks import progress_callbacks
-from kdlab.distill import SourceSelector, build_strategy
+from kdlab.distill import STRATEGIES, SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
-from kdlab.errors import ConfigError, TrainingError
+from kdlab.errors import ConfigError, StoreError, TrainingError, warn
 from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.models import build_model, feature_shapes
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
@@ -152,23 +154,15 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
                  ctx: RunContext) -> SupervisedModule:
     speed = ctx.cfg.get("speed") or {}
     channels_last = bool(speed.get("channels_last", False))
-    common = dict(num_classes=ctx.dm.num_classes, optimizer=instantiate(spec.optimizer),
-                  scheduler=instantiate(spec.scheduler) if spec.scheduler else None,
-                  max_epochs=spec.max_epochs, stage=spec.name,
-                  label_smoothing=float(spec.distill.get("label_smoothing", 0.0)), channels_last=channels_last)
+    common = {"num_classes": ctx.dm.num_classes, "optimizer": instantiate(spec.optimizer),
+              "scheduler": instantiate(spec.scheduler) if spec.scheduler else None,
+              "max_epochs": spec.max_epochs, "stage": spec.name, "channels_last": channels_last,
+              "label_smoothing": float(spec.distill.get("label_smoothing", 0.0)),
+              "on_nan": str(ctx.cfg.get("on_nan", "stop"))}
     if not sources:
         return SupervisedModule(model, **common)
     source_models = {name: load_source(s_spec, rec, ctx) for name, (s_spec, rec) in sources.items()}
-    shape = (ctx.dm.in_channels, ctx.dm.image_size, ctx.dm.image_size)
-    probe = build_strategy(spec.distill, StrategyContext(spec.name, list(sources), ctx.dm.num_classes))
-    s_taps, t_taps = probe.student_taps(), probe.source_taps()
-    sctx = StrategyContext(
-        stage=spec.name, source_names=list(sources), num_classes=ctx.dm.num_classes,
-        student_feature_shapes=feature_shapes(model, s_taps, shape) if s_taps else {},
-        source_feature_shapes={n: feature_shapes(m, t_taps, shape) for n, m in source_models.items()} if t_taps
-        else {},
-    ) if (s_taps or t_taps) else StrategyContext(spec.name, list(sources), ctx.dm.num_classes)
-    strategy = probe if not (s_taps or t_taps) else build_strategy(spec.distill, sctx)
+    strategy, t_taps = stage_strategy(spec, model, source_models, ctx)
     cache = None
     if cache_enabled(ctx):
         cache = {name: source_outputs_cache(ctx, rec, source_models[name], t_taps)
@@ -183,14 +177,76 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
     return DistillModule(model, sources=bank, strategy=strategy, selector=selector, **common)
 
 
+def stage_strategy(spec: StageSpec, model: nn.Module, source_models: dict[str, nn.Module], ctx: RunContext
+                   ) -> tuple[Any, list[str]]:
+    """The stage's strategy (its feature taps resolved on the actual models) and the sources' taps."""
+    shape = (ctx.dm.in_channels, ctx.dm.image_size, ctx.dm.image_size)
+    s_taps, t_taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
+    sctx = StrategyContext(
+        stage=spec.name, source_names=list(source_models), num_classes=ctx.dm.num_classes,
+        student_feature_shapes=feature_shapes(model, s_taps, shape) if s_taps else {},
+        source_feature_shapes={n: feature_shapes(m, t_taps, shape) for n, m in source_models.items()}
+        if t_taps else {},
+    )
+    return build_strategy(spec.distill, sctx), t_taps
+
+
+def make_trainer(**kwargs: Any) -> pl.Trainer:
+    """A Lightning Trainer; arguments it rejects (trainer.* settings) are a config error."""
+    try:
+        return pl.Trainer(**kwargs)
+    except (TypeError, ValueError, ImportError, MisconfigurationException) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"invalid trainer settings: {reason}") from e
+
+
+def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
+    """Build every stage's model, strategy (feature taps, translators), optimizer and Trainer once, with
+    no weights and no training, so that a bad setting fails before the first stage is trained or stored."""
+    by_name = {s.name: s for s in specs}
+    for spec in specs:
+        model = build_stage_model(spec, ctx.dm)
+        for what, node in (("optimizer", spec.optimizer), ("scheduler", spec.scheduler)):
+            try:
+                if node:
+                    instantiate(node)
+            except Exception as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"stage {spec.name!r}: bad {what} config: {reason}") from e
+        if spec.sources and not spec.checkpoint:
+            stage_strategy(spec, model, {n: build_stage_model(by_name[n], ctx.dm) for n in spec.sources}, ctx)
+    if specs:
+        make_trainer(**trainer_kwargs(ctx, specs[0]), logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False)
+
+
+def resume_point(work: Path, stage: str) -> str | None:
+    """The checkpoint an interrupted stage resumes from (``work/last.ckpt``), or None to start afresh.
+    One that cannot be read (e.g. cut short by a full disk) is dropped with a warning."""
+    last = work / "last.ckpt"
+    if not last.exists():
+        return None
+    try:
+        load_weights(last, f"checkpoint of stage {stage!r}", error=StoreError)
+    except StoreError as e:
+        warn(f"{e}; training stage {stage!r} from scratch")
+        shutil.rmtree(work, ignore_errors=True)
+        return None
+    return str(last)
+
+
 def _state_from_lightning(ckpt: dict[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
     sd = ckpt.get("state_dict", ckpt)
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, StageRecord]],
-                ctx: RunContext, description: dict[str, Any]) -> tuple[StageRecord, dict[str, Any]]:
-    """Train one stage (resuming from its last checkpoint if a previous attempt was interrupted)."""
+                ctx: RunContext, description: dict[str, Any], resume: str | None = "auto"
+                ) -> tuple[StageRecord, dict[str, Any]]:
+    """Train one stage (resuming from its last checkpoint if a previous attempt was interrupted).
+
+    ``resume``: "auto" looks for ``work/last.ckpt``; a path or None is rank 0's decision in a DDP run.
+    """
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     model = build_stage_model(spec, ctx.dm)
     params = count_params(model)
@@ -201,23 +257,35 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     work = ctx.store.work_dir(key)
     ckpt = ModelCheckpoint(dirpath=str(work), filename="best", monitor="val/acc", mode="max", save_last=True,
                            save_top_k=1, enable_version_counter=False)
-    progress, bar = progress_callbacks(str((ctx.cfg.get("callbacks") or {}).get("progress", "auto")), spec.name)
+    progress, bar = progress_callbacks(str((ctx.cfg.get("callbacks") or {}).get("progress", "auto"))
+                                       if ctx.store.writer else "none", spec.name)  # DDP: rank 0 reports
     stage_info = {"name": spec.name, "role": spec.role, "arch": spec.arch, "method": ctx.method,
                   "dataset": ctx.dataset}
+    # trainable parameters outside the exported model (FEED's translators): logged, never saved with it
+    extra = module.extra_parameters() if isinstance(module, DistillModule) else 0
     wandb_config = {"stage": {**stage_info, **description, "sources": spec.sources,
-                              "source_keys": description.get("sources", []), "store_key": key},
+                              "source_keys": description.get("sources", []), "store_key": key,
+                              "params": params, "extra_params": extra},
                     "pipeline": ctx.cfg}
-    loggers = build_loggers(ctx.cfg.get("logger") or {}, ctx.run_dir, stage_info, ctx.group, wandb_config)
-    trainer = pl.Trainer(**trainer_kwargs(ctx, spec), callbacks=[ckpt, *progress], logger=loggers or False,
-                         enable_progress_bar=bar, default_root_dir=str(work))
-    resume = work / "last.ckpt"
-    if resume.exists():
+    loggers = build_loggers(ctx.cfg.get("logger") or {}, ctx.run_dir, stage_info, ctx.group, wandb_config) \
+        if ctx.store.writer else []  # DDP: one W&B run / CSV log per stage, from rank 0
+    for lg in loggers:  # W&B has them in its config; CSV / TensorBoard write them to hparams
+        if type(lg).__name__ != "WandbLogger":
+            lg.log_hyperparams({"params": params, "extra_params": extra})
+    trainer = make_trainer(**trainer_kwargs(ctx, spec), callbacks=[ckpt, *progress], logger=loggers or False,
+                           enable_progress_bar=bar, default_root_dir=str(work))
+    if resume == "auto":
+        resume = resume_point(work, spec.name)
+    if resume:
         log.info("stage %s: resuming from %s", spec.name, resume)
     t0 = time.perf_counter()
     status = "failed"
     try:
-        trainer.fit(module, datamodule=ctx.dm, ckpt_path=str(resume) if resume.exists() else None,
-                    weights_only=True)
+        try:
+            trainer.fit(module, datamodule=ctx.dm, ckpt_path=resume, weights_only=True)
+        except OSError as e:  # e.g. a full disk while writing work/*.ckpt: the stage stays not done
+            raise StoreError(f"stage {spec.name!r}: cannot write its checkpoints to {str(work)!r}: "
+                             f"{e.strerror or e}") from e
         train_seconds = time.perf_counter() - t0
         if trainer.interrupted:
             raise TrainingError(f"stage {spec.name!r} was interrupted")
@@ -235,7 +303,6 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
             module.bank.close()
     curve = list(module.val_curve)
     best_epoch = int(max(range(len(curve)), key=lambda i: (curve[i], -i))) if curve else None
-    extra = module.extra_parameters() if isinstance(module, DistillModule) else 0
     meta = {
         "name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": spec.sources,
         "params": params, "extra_params": extra, "epochs": spec.max_epochs, "best_epoch": best_epoch,
@@ -275,8 +342,8 @@ def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: d
                               f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
     model.load_state_dict(state)
     module = build_module(spec, model, {}, ctx)
-    trainer = pl.Trainer(**{**trainer_kwargs(ctx, spec), "max_epochs": 1}, logger=False,
-                         enable_progress_bar=False, enable_checkpointing=False)
+    trainer = make_trainer(**{**trainer_kwargs(ctx, spec), "max_epochs": 1}, logger=False,
+                           enable_progress_bar=False, enable_checkpointing=False)
     val = float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
     test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
     meta = {"name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": [],
