@@ -51,6 +51,21 @@ def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> st
     return _one_line(text)
 
 
+def check_output_dir(path: str) -> None:
+    """Hydra would die with a traceback creating a run directory under a file or on a read-only mount."""
+    from pathlib import Path
+
+    from kdlab.errors import StoreError
+
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise StoreError(f"cannot create the output directory {path!r}: {str(p)!r} is not a directory")
+    if not os.access(p, os.W_OK):
+        raise StoreError(f"cannot create the output directory {path!r}: {str(p)!r} is not writable")
+
+
 def _quiet_libraries() -> None:
     import warnings
 
@@ -58,6 +73,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*is deprecated.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")  # on_nan=rollback skips a batch
     for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
                  "lightning.pytorch.utilities.rank_zero", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -72,7 +88,7 @@ def preflight(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     from kdlab.config import validate_config
-    from kdlab.errors import KdlabError
+    from kdlab.errors import KdlabError, warn
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path \
@@ -89,10 +105,10 @@ def preflight(argv: list[str]) -> None:
     for ov, text in zip(parsed, args.overrides):
         if not ov.key_or_group.startswith("hydra"):
             given.setdefault(ov.key_or_group, []).append(text)
-    for key, texts in given.items():  # Hydra silently keeps the last one
-        if len(texts) > 1:
-            report(f"conflicting overrides: {key} is given {len(texts)} times ({', '.join(texts)}); give it once", 2)
-            sys.exit(2)
+    for key, texts in given.items():  # Hydra silently keeps the last one; say so (seed=1 seed=2 vs seed=1,2)
+        if len(texts) > 1 and len(set(texts)) > 1:
+            warn(f"{key} is given {len(texts)} times ({', '.join(texts)}); the last one wins "
+                 f"(for a sweep over values write {key}=a,b with -m)")
     for ov, text in zip(parsed, args.overrides):
         if ov.key_or_group.startswith("hydra"):
             continue
@@ -113,6 +129,8 @@ def preflight(argv: list[str]) -> None:
         debug = bool(cfg.get("debug"))
         plain = OmegaConf.to_container(cfg, resolve=True)
         validate_config(plain)
+        run_dirs = [ov.value() for ov in parsed if ov.key_or_group == f"hydra.{'sweep' if args.multirun else 'run'}.dir"]
+        check_output_dir(str(run_dirs[-1]) if run_dirs else str((plain.get("paths") or {}).get("output_dir", ".")))
     except KdlabError as e:
         if debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -538,7 +538,10 @@ def run(args: argparse.Namespace) -> int:
     rows = aggregate(runs, by, args.last_k)
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else first if first.is_dir() else Path.cwd()
-    print_report(rows, runs, by, skipped)
+    try:
+        print_report(rows, runs, by, skipped)
+    except (BrokenPipeError, SystemExit):  # the reader went away (| head; rich exits then): write the files
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     written = write_outputs(rows, runs, by, out, plots=not args.no_plots, skipped=skipped, sources=args.paths)
     print("wrote " + ", ".join(str(w) for w in written))
     n_failed = sum(r.get("status") != "completed" for r in runs)

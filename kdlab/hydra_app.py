@@ -102,6 +102,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:  # jobs in worker processes (joblib, submitit) start without __main__'s quieting
+        from kdlab.__main__ import _quiet_libraries
+
+        _quiet_libraries()
     run_dir = Path(hc.runtime.output_dir)
     debug = bool(cfg.get("debug")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     job = f"job {hc.job.num}: " if multirun else ""

@@ -105,12 +105,19 @@ def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(path, state_dict_bytes(state_dict))
 
 
-def _load_failure(e: BaseException) -> tuple[bool, str]:
+def _load_failure(e: BaseException, path: str | os.PathLike) -> tuple[bool, str]:
     """(whether the file carries code, a short reason) for an exception of ``torch.load(weights_only=True)``."""
     text = str(e)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return True, f"it holds a pickled reference to {found.group(1)}, which could run code"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if not head.startswith((b"PK", b"\x80")):  # neither torch.save's zip format nor a (legacy) pickle
+        return False, "it is not a PyTorch weights file"
     truncated = r"zip archive|central directory|EOF|truncated|file not found in archive"
     if isinstance(e, EOFError) or re.search(truncated, text, re.IGNORECASE):
         return False, "it is truncated or not a PyTorch file"
@@ -135,7 +142,7 @@ def load_weights(path: str | os.PathLike, what: str = "checkpoint",
     except IsADirectoryError as e:
         raise error(f"{what} {str(path)!r} is a directory, not a weights file") from e
     except Exception as e:
-        code, reason = _load_failure(e)
+        code, reason = _load_failure(e, path)
         verb = "refusing to load" if code else "cannot load"
         raise error(f"{verb} {what} {str(path)!r}: {reason}; only plain weights (tensors in dicts) are "
                     f"accepted (torch.load weights_only=True)") from e

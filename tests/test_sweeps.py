@@ -1,6 +1,6 @@
 """Sweeps of whole pipelines through the real CLI and the real Hydra plugins, on tiny synthetic data:
-the joblib launcher with a shared teacher, failing jobs, submitit (local, and SLURM's sbatch script),
-the Optuna sweeper, and kdlab.compare on the sweeps' real output."""
+the joblib launcher with a shared teacher, failing jobs, submitit (local, and our SLURM preset on a stand-in
+cluster), the Optuna sweeper, and kdlab.compare on the sweeps' real output."""
 from __future__ import annotations
 
 import csv
@@ -99,6 +99,33 @@ def test_compare_on_the_joblib_sweep(joblib_sweep):
     assert [(row["distill.temperature"], row["distill.lam"]) for row in rows] == \
         [("2", "0.3"), ("2", "0.7"), ("4", "0.3"), ("4", "0.7")]
     assert all(row["n"] == "1" for row in rows)
+    # piped into a reader that stops early (| head): still exit 0 and write the files
+    out = sweep / "piped"
+    piped = f'"{sys.executable}" -m kdlab.compare "{sweep}" --out "{out}" --no-plots | head -c 10'
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", piped], check=False, cwd=ROOT, env=kdlab_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (out / "comparison.html").exists(), r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_methods_by_seeds_share_one_teacher_per_seed(tmp_path):
+    """The README's sweep, tiny: 2 methods x 2 seeds. The seed is part of every stage, so there is one teacher
+    per seed, trained once and reused by the other method; compare groups the runs by method."""
+    sweep = tmp_path / "sweep"
+    r = sweep_cli(["+experiment=kd_fashion_mnist,dgkd_fashion_mnist", "seed=0,1", "data.n_train=320",
+                   "data.n_test=100", "trainer.max_epochs=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                  tmp_path / "out", sweep, multirun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = list(job_results(sweep).values())
+    assert sorted((res["method"], res["seed"]) for res in jobs) == [("dgkd", 0), ("dgkd", 1), ("kd", 0), ("kd", 1)]
+    for seed in (0, 1):
+        teachers = [stage(res, "teacher") for res in jobs if res["seed"] == seed]
+        assert len({t["store_key"] for t in teachers}) == 1 and sum(not t["cached"] for t in teachers) == 1
+    r = compare(sweep, "--no-plots")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["group"]: row for row in csv.DictReader((sweep / "comparison.csv").open())}
+    assert sorted(rows) == ["dgkd", "kd"] and all(row["n"] == "2" for row in rows.values())
+    assert rows["dgkd"]["acc_teacher_mean"] == rows["kd"]["acc_teacher_mean"]  # the same two teachers
 
 
 # -- one failing job does not stop the others ----------------------------------------------------------

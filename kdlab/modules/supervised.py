@@ -116,7 +116,7 @@ class SupervisedModule(pl.LightningModule):
             bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))  # all ranks roll back
         if not bad:
             return True
-        where = (f"stage {self.stage_name!r}: loss is {float(loss)} at epoch {self.current_epoch}, step "
+        where = (f"stage {self.stage_name!r}: loss is {float(loss.detach())} at epoch {self.current_epoch}, step "
                  f"{self.global_step} (batch {batch_idx})")
         if self.on_nan == "rollback" and self._good_state is not None:
             if self.rollbacks < self.max_rollbacks:

@@ -93,6 +93,9 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
     stochastic_stages = list(stochastic.pop("stages", None) or ["student"])
     distill.pop("cache", None)
     per_stage = dict(p.get("per_stage") or {})
+    kinds = p.get("pacemakers")  # pipeline=pacemaker picks chain[1] from pacemakers by pipeline.pacemaker
+    if isinstance(kinds, dict) and p.get("pacemaker") is not None and p["pacemaker"] not in kinds:
+        raise ConfigError(f"unknown pipeline.pacemaker {p['pacemaker']!r}; known: {', '.join(sorted(kinds))}")
 
     if topology == "custom":
         entries = list(p.get("stages") or [])

@@ -1,0 +1,62 @@
+"""Speed knobs (issue item 3): ``trainer.precision`` (32-true / bf16-mixed / 16-mixed),
+``speed.channels_last`` and ``speed.compile``, measured on this machine's accelerator (the CPU here).
+
+Each variant trains the DGKD student stage twice: with its 4 sources live (where a pipeline's time goes
+when the cache is off: source forwards) and alone from labels (student forward + backward only), one
+epoch each. The figure is steady-state training samples/s (BatchTimer); stage wall time (which also
+contains torch.compile's compilation) is in the details. The default of each knob should be the fastest
+variant measured; GPU defaults cannot be measured here when no GPU is present.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import common
+from common import Options, figure
+
+VARIANTS = {
+    "32-true": ["trainer.precision=32-true"],
+    "bf16-mixed": ["trainer.precision=bf16-mixed"],
+    "16-mixed": ["trainer.precision=16-mixed"],
+    "channels_last": ["trainer.precision=32-true", "speed.channels_last=true"],
+    "compile": ["trainer.precision=32-true", "speed.compile=true"],
+}
+
+
+def run(o: Options) -> dict[str, Any]:
+    import torch
+
+    fx = common.fixture(o)
+    out: dict[str, dict[str, Any]] = {}
+    for name, ov in VARIANTS.items():
+        out[name] = {}
+        for kind, k in (("live4", 4), ("alone", 0)):
+            if o.quick and name == "compile":  # inductor's first compilation alone takes minutes on 2 cores
+                out[name][kind] = {"error": "skipped with --quick"}
+                continue
+            try:
+                r = common.student_stage(o, k, False if k else None, 1, extra=ov, name=f"knob-{name}")
+                out[name][kind] = {key: r[key] for key in ("samples_per_second", "stage_seconds", "fit_seconds",
+                                                           "test_acc")}
+            except Exception as e:  # noqa: BLE001 - a knob this machine does not support: record why
+                out[name][kind] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    figs = []
+    base = {kind: out["32-true"][kind].get("samples_per_second") for kind in ("live4", "alone")}
+    for name, res in out.items():
+        live, alone = res["live4"].get("samples_per_second"), res["alone"].get("samples_per_second")
+        note = "; ".join(f"{kind}: {v['error']}" for kind, v in res.items() if "error" in v) or \
+            f"4 live sources {live} samples/s ({common.ratio(live, base['live4'])}x of 32-true), " \
+            f"alone {alone} ({common.ratio(alone, base['alone'])}x)"
+        figs.append(figure(f"k_{name}", f"3. knob {name}: student stage samples/s, 4 live sources", live,
+                           "samples/s", None, None, note))
+    ok = {n: r["live4"].get("samples_per_second") or 0 for n, r in out.items()}
+    fastest = max(ok, key=ok.get)
+    return {"name": "knobs", "figures": figs,
+            "details": {"variants": out, "fastest_live4": fastest,
+                        "fastest_alone": max(out, key=lambda n: out[n]["alone"].get("samples_per_second") or 0),
+                        "accelerator": "cuda" if torch.cuda.is_available() else "cpu",
+                        "sources": list(fx["stages"])[:4]}}
+
+
+if __name__ == "__main__":
+    common.cli(run, __doc__.splitlines()[0])

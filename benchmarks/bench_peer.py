@@ -1,0 +1,139 @@
+"""(d) Peer: one vanilla KD job (plain10 teacher -> plain2 student, Fashion-MNIST) run by kdlab and by
+torchdistill, end to end, each as its own process, timed by wall clock from process start to exit.
+
+Same teacher (the fixture's plain10 weights file, given to both), same student architecture (kdlab's model
+code, registered in torchdistill's model registry), same train / validation / test images (kdlab's split,
+handed to torchdistill as index lists), epochs, batch size (128), optimizer (SGD 0.01, momentum 0.9, wd
+1e-4, constant rate), loss (0.5 CE + 0.5 T^2 KL, T = 4), checkpoint rule (best validation accuracy) and
+test set. Each framework feeds its data its usual way: kdlab's in-memory tensors with the teacher's
+outputs cached (data.augment=none), torchdistill's torchvision dataset with PIL transforms in a
+DataLoader, the teacher run every step.
+
+    kdlab:        python -m kdlab +experiment=kd_fashion_mnist pipeline.teacher_checkpoint=<teacher> ...
+    torchdistill: benchmarks/.peer-venv/bin/python benchmarks/peer/torchdistill_kd.py --config <yaml>
+
+torchdistill is installed from PyPI into benchmarks/.peer-venv by benchmarks/peer/peer_env.py (never into
+kdlab's environment). If that fails, the peer is a classic PyTorch KD script (DataLoader + PIL), clearly
+labelled as such in the output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+from common import ROOT, Options, check, figure, ratio
+
+PEER_DIR = Path(__file__).resolve().parent / "peer"
+WORKERS = 2  # DataLoader workers of the peer (this is a 2-core machine; the issue's "2 workers")
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return time.perf_counter() - t0, proc
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
+def run(o: Options) -> dict[str, Any]:
+    import torch
+
+    fx = common.fixture(o)
+    teacher = fx["stages"]["teacher"]["checkpoint"]
+    E = o.peer_epochs
+    job = o.workdir / f"peer-{os.getpid()}"
+    job.mkdir(parents=True, exist_ok=True)
+    test_ov = [f"data.test_subset={o.test_subset}"] if o.quick else []  # full test set unless --quick
+    data_ov = ["+experiment=kd_fashion_mnist", f"data.subset={o.subset}", *test_ov]
+    kd_overrides = [*data_ov, f"pipeline.teacher_checkpoint={teacher}", f"trainer.max_epochs={E}", "logger=csv",
+                    "callbacks.progress=none", f"paths.output_dir={job / 'kdlab'}",
+                    f"hydra.run.dir={job / 'kdlab' / 'run'}"]
+    # kdlab's split, for the peer
+    dm, _ = common.kdlab_datamodule(data_ov)
+    index_file = job / "split.pt"
+    torch.save({k: torch.as_tensor(getattr(dm, f"{k}_index")).long() for k in ("train", "val", "test")},
+               index_file)
+    root = common.torchvision_fashion_root(o)
+
+    # -- the peer environment ------------------------------------------------------------------------
+    peer_note, peer_env = "", None
+    mode = o.peer_mode
+    if mode == "torchdistill":
+        sys.path.insert(0, str(PEER_DIR))
+        try:
+            from peer_env import ensure
+
+            peer_env = ensure()
+        except Exception as e:  # noqa: BLE001 - any failure: say why, fall back
+            peer_note = f"torchdistill could not be installed: {type(e).__name__}: {e}".splitlines()[0]
+            mode = "classic"
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    peer_pythonpath = os.pathsep.join([str(ROOT), str(PEER_DIR)])
+    peer: dict[str, Any] = {}
+    if mode == "torchdistill":
+        cfg_text = string.Template((PEER_DIR / "kd_fashion_mnist.yaml").read_text()).substitute(
+            index_file=index_file, root=root, teacher_ckpt=teacher, student_ckpt=job / "td_student.pt",
+            epochs=E, num_workers=WORKERS)
+        cfg_path = job / "torchdistill.yaml"
+        cfg_path.write_text(cfg_text)
+        cmd = [peer_env["python"], str(PEER_DIR / "torchdistill_kd.py"), "--config", str(cfg_path)]
+        wall, proc = _run(cmd, {**env, "PYTHONPATH": peer_pythonpath})
+        if proc.returncode != 0:
+            peer_note = (f"torchdistill {peer_env.get('torchdistill')} failed to run (exit {proc.returncode}): "
+                         + (proc.stderr.strip().splitlines() or ["no output"])[-1])
+            mode = "classic"
+        else:
+            peer = {**_last_json(proc.stdout), "wall_seconds": round(wall, 2), "framework":
+                    f"torchdistill {peer_env['torchdistill']}"}
+    if mode == "classic":
+        cmd = [sys.executable, str(PEER_DIR / "classic_kd.py"), "--root", str(root), "--index-file",
+               str(index_file), "--teacher", teacher, "--epochs", str(E), "--workers", str(WORKERS),
+               "--out-ckpt", str(job / "classic_student.pt")]
+        wall, proc = _run(cmd, {**env, "PYTHONPATH": peer_pythonpath})
+        if proc.returncode != 0:
+            raise RuntimeError(f"classic peer failed: {proc.stderr.strip()[-500:]}")
+        peer = {**_last_json(proc.stdout), "wall_seconds": round(wall, 2),
+                "framework": "classic PyTorch KD loop (DataLoader + PIL) -- fallback, not torchdistill"}
+
+    # -- kdlab, as a user runs it ---------------------------------------------------------------------
+    wall, proc = _run([sys.executable, "-m", "kdlab", *kd_overrides], env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"kdlab job failed: {proc.stderr.strip()[-800:]}")
+    res = json.loads((job / "kdlab" / "run" / "results.json").read_text())
+    kd = {"wall_seconds": round(wall, 2), "test_acc": res["final"]["test_acc"], "val_acc": res["final"]["val_acc"],
+          "teacher_test_acc": res["stages"][0]["test_acc"], "train_seconds": res["stages"][-1]["train_seconds"]}
+
+    r = ratio(kd["wall_seconds"], peer["wall_seconds"])
+    gap = None if peer.get("test_acc") is None else round(abs(kd["test_acc"] - peer["test_acc"]) * 100, 2)
+    name = peer["framework"].split(" --")[0]
+    figs = [
+        figure("d_peer_time", f"d. peer: kdlab / {name} wall time, KD job, {E} epochs", r, "x", "<= 0.5",
+               check(r, "<=", 0.5), f"kdlab {kd['wall_seconds']} s vs {peer['wall_seconds']} s" +
+               (f"; {peer_note}" if peer_note else "")),
+        figure("d_peer_acc", f"d. peer: test accuracy gap |kdlab - {name}|", gap, "points", "<= 1",
+               check(gap, "<=", 1.0), f"kdlab {kd['test_acc']:.4f} vs {peer['test_acc']:.4f} "
+               f"(teacher {kd['teacher_test_acc']:.4f})"),
+    ]
+    import shutil
+
+    shutil.rmtree(job, ignore_errors=True)
+    return {"name": "peer", "figures": figs,
+            "details": {"kdlab": kd, "peer": peer, "peer_env": peer_env, "note": peer_note, "epochs": E,
+                        "workers": WORKERS, "train_images": dm.train_size, "test_images": dm.test_size}}
+
+
+if __name__ == "__main__":
+    common.cli(run, __doc__.splitlines()[0])

@@ -1,0 +1,130 @@
+"""Student stages: (a) overhead against a hand-written loop, (c) the source-output cache, (f) scaling with
+the number of sources.
+
+All stages are the student (plain2) of the default DGKD pipeline, trained by kdlab's real pipeline runner
+with the fixture's frozen sources (plain10, plain8, plain6, plain4; trained once by kdlab, kept in the
+bench store). The student's own store entry is removed after each run, so each run trains it.
+
+(a) kdlab's uncached 4-source stage against ``handloop.train_dgkd_student`` on the same in-memory images,
+    same sources, batch size, epochs, optimizer and loss, interleaved (hand, kdlab, hand, kdlab, ...).
+    The figure is steady-state training samples/s (BatchTimer / the hand loop's identical timer), best of
+    the repeats; the whole fit (with validation and checkpoints on both sides) is reported beside it.
+(c) stage wall time (sources and caches loaded, fit, tests, store commit) of the cached 4-source stage
+    against the same student trained alone (labels only), and against the uncached stage. The caches are
+    warm (built when the fixture trained the TAs): the steady state of a pipeline, sweep or rerun. A cold
+    stage that first builds all four caches is reported too.
+(f) the same stage with 1, 2, 3, 4 sources (the first k chain models), cached and uncached.
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+from typing import Any
+
+import common
+from common import Options, check, figure, ratio
+
+
+def _best(runs: list[dict[str, Any]], key: str, high: bool = False) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return None
+    return max(vals) if high else min(vals)
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def drop_caches(o: Options, keys: list[str]) -> None:
+    for key in keys:
+        shutil.rmtree(o.store / key / "cache", ignore_errors=True)
+
+
+def run(o: Options) -> dict[str, Any]:
+    import torch
+
+    from handloop import load_frozen, train_dgkd_student
+    from kdlab.models import build_model
+
+    fx = common.fixture(o)
+    dm, plain = common.kdlab_datamodule(common.base_overrides(o))
+    src_names = [n for n in fx["stages"] if n != "student"][:4]
+    shape = dict(num_classes=dm.num_classes, in_channels=dm.in_channels, size=dm.image_size)
+    sources = [load_frozen(fx["stages"][n]["arch"], fx["stages"][n]["checkpoint"], **shape) for n in src_names]
+    opt, dist = plain["optimizer"], plain["distill"]
+    ckpt = o.workdir / f"handloop-{id(o)}.ckpt"
+
+    def hand() -> dict[str, Any]:
+        torch.manual_seed(0)
+        student = build_model(o.chain[-1], num_classes=dm.num_classes, in_channels=dm.in_channels,
+                              input_size=dm.image_size)
+        out = train_dgkd_student(
+            student, sources, dm.train_images, dm.train_labels, dm.val_images, dm.val_labels, dm.mean, dm.std,
+            epochs=o.epochs, batch_size=int(plain["data"]["batch_size"]), lr=float(opt["lr"]),
+            momentum=float(opt["momentum"]), weight_decay=float(opt["weight_decay"]),
+            temperature=float(dist["temperature"]), lam=float(dist["lam"]), seed=int(plain["seed"]), ckpt=ckpt)
+        ckpt.unlink(missing_ok=True)
+        return out
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def add(name: str, result: dict[str, Any]) -> None:
+        runs.setdefault(name, []).append(result)
+
+    E = o.epochs
+    for _ in range(o.repeats):  # (a): interleaved, so load changes hit both sides alike
+        add("hand", hand())
+        add("uncached4", common.student_stage(o, 4, False, E))
+    for _ in range(o.repeats):
+        add("alone", common.student_stage(o, 0, None, E))
+        add("cached4", common.student_stage(o, 4, True, E))
+    for k in (1, 2, 3):
+        add(f"cached{k}", common.student_stage(o, k, True, E))
+        add(f"uncached{k}", common.student_stage(o, k, False, E))
+    drop_caches(o, [fx["stages"][n]["store_key"] for n in src_names])
+    add("cached4_cold", common.student_stage(o, 4, True, E))
+
+    # -- figures -------------------------------------------------------------------------------------
+    figs = []
+    hand_rate, kd_rate = _best(runs["hand"], "samples_per_second", True), \
+        _best(runs["uncached4"], "samples_per_second", True)
+    over = ratio(kd_rate, hand_rate)
+    figs.append(figure("a_overhead", "a. overhead: kdlab / hand-written loop, training samples/s (4 live sources)",
+                       over, "x", ">= 0.95", check(over, ">=", 0.95),
+                       f"kdlab {kd_rate} vs hand {hand_rate} samples/s (steady state, best of {o.repeats})"))
+    fit_ratio = ratio(_best(runs["hand"], "fit_seconds"), _best(runs["uncached4"], "fit_seconds"))
+    figs.append(figure("a_overhead_fit", "a. overhead, whole fit incl. validation + checkpoints (speed ratio)",
+                       fit_ratio, "x", None, None,
+                       f"hand {_best(runs['hand'], 'fit_seconds')} s vs kdlab trainer.fit "
+                       f"{_best(runs['uncached4'], 'fit_seconds')} s for {E} epochs"))
+    alone, cached, uncached = (_best(runs[k], "stage_seconds") for k in ("alone", "cached4", "uncached4"))
+    c1 = ratio(cached, alone)
+    figs.append(figure("c_cached_vs_alone", "c. cache: cached 4-source stage / student alone (time)", c1, "x",
+                       "<= 1.2", check(c1, "<=", 1.2), f"{cached} s vs {alone} s, {E} epochs"))
+    c2 = ratio(uncached, cached)
+    figs.append(figure("c_speedup", "c. cache: uncached / cached 4-source stage (speed-up)", c2, "x", ">= 3",
+                       check(c2, ">=", 3.0), f"{uncached} s vs {cached} s"))
+    cold = _best(runs["cached4_cold"], "stage_seconds")
+    figs.append(figure("c_cold", "c. cache, cold: stage that first builds all 4 caches / student alone", ratio(cold, alone),
+                       "x", None, None, f"{cold} s (a pipeline builds each cache once, when the source first teaches)"))
+    cached_k = [_best(runs[f"cached{k}"], "stage_seconds") for k in (1, 2, 3, 4)]
+    uncached_k = [_best(runs[f"uncached{k}"], "stage_seconds") for k in (1, 2, 3, 4)]
+    flat = ratio(cached_k[3], cached_k[0])
+    figs.append(figure("f_scaling_cached", "f. scaling: cached stage time, 4 sources / 1 source", flat, "x",
+                       "<= 1.15 (flat)", check(flat, "<=", 1.15),
+                       "cached s for k=1..4: " + ", ".join(str(v) for v in cached_k)))
+    figs.append(figure("f_scaling_uncached", "f. scaling: uncached stage time, 4 sources / 1 source",
+                       ratio(uncached_k[3], uncached_k[0]), "x", None, None,
+                       "uncached s for k=1..4: " + ", ".join(str(v) for v in uncached_k)))
+    return {
+        "name": "stages", "figures": figs,
+        "details": {"runs": runs, "sources": src_names, "epochs": E, "train_images": dm.train_size,
+                    "fixture": {k: fx[k] for k in ("trained", "seconds")},
+                    "median_samples_per_second": {k: _median(v, "samples_per_second") for k, v in runs.items()}},
+    }
+
+
+if __name__ == "__main__":
+    common.cli(run, __doc__.splitlines()[0])

@@ -1,0 +1,381 @@
+"""Shared pieces of kdlab's benchmarks: options, the real pipeline run in-process, the source fixture,
+the steady-state batch timer, and the result format every bench script returns.
+
+Every benchmark runs kdlab through its real code path: the Hydra config is composed exactly as
+``python -m kdlab`` composes it, and ``kdlab.pipeline.runner.run_pipeline`` trains the stages (store,
+source-output cache, DistillModule, Lightning Trainer, checkpoints, validation, test). Two measurements
+are added from outside, without changing what kdlab does:
+
+* ``BatchTimer``, a Lightning callback appended to the stage's Trainer, times the training batches of each
+  epoch from the start of batch 1 to the end of the last batch (batch 0, the iterator's creation, the
+  validation loop and the epoch-end hooks are outside the timed span); it reads ``perf_counter`` twice per
+  batch and does nothing else.
+* the wall time of ``train_stage`` (model and sources built, caches loaded, fit, the two test passes,
+  commit to the store): the "stage time".
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHAIN = ["plain10", "plain8", "plain6", "plain4", "plain2"]  # the default DGKD pipeline (make run)
+
+
+@dataclass
+class Options:
+    """What every bench script accepts. ``quick`` shrinks everything for the smoke test."""
+
+    quick: bool = False
+    workdir: Path = ROOT / ".bench"  # git-ignored: the fixture store, run dirs, peer data
+    subset: int = 6400  # Fashion-MNIST training images before the 10% validation split: 5760 = 45 batches of 128
+    test_subset: int = 2000  # test images (each stage is tested twice; the figure does not depend on it)
+    epochs: int = 2  # epochs of each timed student stage
+    repeats: int = 2  # interleaved repeats where two sides are compared
+    chain: list[str] = field(default_factory=lambda: list(CHAIN))
+    peer_epochs: int = 6
+    peer_mode: str = "torchdistill"  # torchdistill | classic
+    memory_full: bool = False  # measure the real `make run` (10 epochs) instead of its 1-epoch variant
+
+    @classmethod
+    def make(cls, quick: bool = False, **kw: Any) -> Options:
+        o = cls(quick=quick)
+        if quick:
+            o.subset, o.test_subset, o.epochs, o.repeats, o.peer_epochs = 400, 200, 1, 1, 1
+        for k, v in kw.items():
+            if v is not None:
+                setattr(o, k, type(getattr(o, k))(v) if not isinstance(getattr(o, k), list) else v)
+        o.workdir = Path(o.workdir)
+        return o
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / ("store-quick" if self.quick else "store")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["workdir"] = str(self.workdir)
+        return d
+
+
+def add_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--subset", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--peer-epochs", type=int, default=None)
+    ap.add_argument("--peer-mode", choices=["torchdistill", "classic"], default=None)
+    ap.add_argument("--memory-full", action="store_true", default=None,
+                    help="measure the real `make run` (10 epochs per stage; many minutes)")
+
+
+def options_from(a: argparse.Namespace) -> Options:
+    return Options.make(quick=a.quick, workdir=a.workdir, subset=a.subset, epochs=a.epochs,
+                        repeats=a.repeats, peer_epochs=a.peer_epochs, peer_mode=a.peer_mode,
+                        memory_full=a.memory_full)
+
+
+def quiet() -> None:
+    """The same library noise filters as ``python -m kdlab``, and no W&B network use."""
+    import pytorch_lightning  # noqa: F401  (it sets its loggers' levels when imported)
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning", "lightning_fabric",
+                 "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "kdlab", "torch._dynamo",
+                 "torch._inductor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "loadavg": list(os.getloadavg())}
+
+
+# -- the real pipeline, in-process ---------------------------------------------------------------------
+def base_overrides(o: Options) -> list[str]:
+    """The root config (make run's), sized by the options; no W&B, no progress output, a private store."""
+    return [f"data.subset={o.subset}", f"data.test_subset={o.test_subset}", "logger=csv", "callbacks.progress=none",
+            f"paths.output_dir={o.workdir / 'runs'}", f"paths.store_dir={o.store}", "trainer.max_epochs=1", f"pipeline.chain=[{','.join(o.chain)}]"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdlab.hydra_app import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+class BatchTimer:
+    """Steady-state training throughput: per epoch, from the start of batch ``skip`` to the end of the last
+    batch (so the first batch, iterator creation, validation and epoch hooks are not timed)."""
+
+    def __init__(self, skip: int = 1):
+        self.skip = skip
+        self.seconds = 0.0
+        self.samples = 0
+        self.batches = 0
+        self._t0: float | None = None
+        self._t1: float | None = None
+
+    # Lightning calls these by name; the class is mixed into a Callback in instrument()
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = self._t1 = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.skip:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is not None and batch_idx >= self.skip:
+            self.samples += int(batch[1].shape[0])
+            self.batches += 1
+            self._t1 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._t0 is not None and self._t1 is not None:
+            self.seconds += self._t1 - self._t0
+        self._t0 = self._t1 = None
+
+    @property
+    def rate(self) -> float | None:
+        return self.samples / self.seconds if self.seconds > 0 else None
+
+
+@dataclass
+class Instruments:
+    timers: list[Any] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    modules: list[Any] = field(default_factory=list)
+    before_fit: list[Any] = field(default_factory=list)  # f(trainer, module), called as fit starts
+
+    def train_timer(self) -> BatchTimer | None:
+        """The timer of the Trainer that trained (the last one that saw training batches)."""
+        seen = [t for t in self.timers if t.samples > 0]
+        return seen[-1] if seen else None
+
+
+@contextlib.contextmanager
+def instrument():
+    """Append a BatchTimer to every Trainer kdlab builds and time every ``train_stage`` call."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    import kdlab.pipeline.runner as runner
+
+    rec = Instruments()
+    timer_cls = type("BenchBatchTimer", (BatchTimer, Callback), {})
+    original_trainer = pl.Trainer
+
+    class TimedTrainer(original_trainer):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, callbacks: Any = None, **kwargs: Any):
+            timer = timer_cls()
+            rec.timers.append(timer)
+            super().__init__(*args, callbacks=[*(callbacks or []), timer], **kwargs)
+
+        def fit(self, model, *args: Any, **kwargs: Any):
+            rec.modules.append(model)
+            for hook in rec.before_fit:
+                hook(self, model)
+            return super().fit(model, *args, **kwargs)
+
+    original_train_stage = runner.train_stage
+
+    def timed_train_stage(spec, *args: Any, **kwargs: Any):
+        t0 = time.perf_counter()
+        try:
+            return original_train_stage(spec, *args, **kwargs)
+        finally:
+            rec.stage_seconds[spec.name] = time.perf_counter() - t0
+
+    pl.Trainer = TimedTrainer
+    runner.train_stage = timed_train_stage
+    try:
+        yield rec
+    finally:
+        pl.Trainer = original_trainer
+        runner.train_stage = original_train_stage
+
+
+def run_pipeline(overrides: list[str], run_name: str, o: Options, before_fit: list[Any] = ()
+                 ) -> tuple[dict[str, Any], Instruments]:
+    """Compose the config like the CLI and run the pipeline in this process; returns (results, instruments)."""
+    from kdlab.pipeline.runner import run_pipeline as kdlab_run_pipeline
+
+    cfg = compose(overrides)
+    run_dir = o.workdir / "runs" / f"{run_name}-{os.getpid()}-{time.time_ns()}"
+    with instrument() as rec:
+        rec.before_fit.extend(before_fit)
+        results = kdlab_run_pipeline(cfg, run_dir, overrides)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return results, rec
+
+
+def fixture(o: Options) -> dict[str, Any]:
+    """The frozen sources every student-stage benchmark uses: the default DGKD chain (plain10 -> plain8 ->
+    plain6 -> plain4 -> plain2) trained for one epoch by kdlab itself, kept in the bench store (reused by
+    later runs: the store is content-addressed), with the source-output caches it built on the way."""
+    t0 = time.perf_counter()
+    # the fixture's own student gets another seed: the timed student stages (seed offset 0) never find it
+    results, rec = run_pipeline([*base_overrides(o), "+pipeline.per_stage.student.seed_offset=1000"], "fixture", o)
+    stages = {s["name"]: s for s in results["stages"]}
+    return {"stages": stages, "trained": [s["name"] for s in results["stages"] if not s["cached"]],
+            "stage_seconds": {k: round(v, 1) for k, v in rec.stage_seconds.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def drop_stage(o: Options, key: str) -> None:
+    """Forget a timed stage so that the next run trains it again (and the bench store does not grow)."""
+    shutil.rmtree(o.store / key, ignore_errors=True)
+    (o.store / f"{key}.lock").unlink(missing_ok=True)
+
+
+def student_stage(o: Options, sources: int, cache: bool | None, epochs: int, extra: list[str] = (),
+                  name: str = "student", before_fit: list[Any] = ()) -> dict[str, Any]:
+    """Train the student (plain2) of a dense chain with the first ``sources`` chain models as its sources
+    (``sources=0``: the student alone, from labels), reusing the fixture's stages from the store.
+
+    Returns the stage's figures: stage wall time, fit time, steady-state samples/s, accuracy.
+    """
+    if sources == 0:
+        chain = ["pipeline=single", f"pipeline.chain=[{o.chain[-1]}]", "distill=none"]
+    else:
+        chain = [f"pipeline.chain=[{','.join(o.chain[:sources] + o.chain[-1:])}]"]
+    cache_ov = [] if cache is None else [f"distill.cache={'on' if cache else 'off'}"]
+    overrides = [*base_overrides(o), *chain, *cache_ov, f"+pipeline.per_stage.student.max_epochs={epochs}",
+                 *extra]
+    results, rec = run_pipeline(overrides, name, o, before_fit)
+    stage = results["stages"][-1]
+    if stage["cached"]:
+        raise RuntimeError(f"{name}: the student stage came from the store; nothing was timed")
+    drop_stage(o, stage["store_key"])
+    timer = rec.train_timer()
+    module = rec.modules[-1] if rec.modules else None
+    bank = getattr(module, "bank", None)
+    return {
+        "stage_seconds": round(rec.stage_seconds.get("student", float("nan")), 3),
+        "fit_seconds": stage["train_seconds"],
+        "samples_per_second": round(timer.rate, 1) if timer and timer.rate else None,
+        "timed_samples": timer.samples if timer else 0, "timed_seconds": round(timer.seconds, 3) if timer else 0,
+        "epochs": epochs, "test_acc": stage["test_acc"], "val_acc": stage["val_acc"],
+        "source_forward_calls": dict(bank.forward_calls) if bank is not None else {},
+    }
+
+
+# -- result format -------------------------------------------------------------------------------------
+def figure(key: str, label: str, value: float | None, unit: str = "", target: str | None = None,
+           ok: bool | None = None, note: str = "") -> dict[str, Any]:
+    """One row of the bench table. ``target`` is text like '>= 0.95'; ok is None when there is none."""
+    return {"key": key, "label": label, "value": value, "unit": unit, "target": target, "ok": ok, "note": note}
+
+
+def check(value: float | None, op: str, bound: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= bound if op == ">=" else value <= bound
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b not in (None, 0) else None
+
+
+def cli(run, description: str) -> None:
+    """``python benchmarks/bench_x.py [--quick] [--out FILE]``: run one benchmark, print/write its JSON."""
+    ap = argparse.ArgumentParser(description=description)
+    add_options(ap)
+    ap.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    a = ap.parse_args()
+    quiet()
+    o = options_from(a)
+    o.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = run(o)
+    result.setdefault("seconds", round(time.perf_counter() - t0, 1))
+    text = json.dumps(result, indent=2, default=str)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+    else:
+        print(text)
+
+
+# -- Fashion-MNIST in torchvision's layout (for the DataLoader + PIL peers) ------------------------------
+FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"]
+FASHION_DIRS = [Path("/usr/share/datasets/fashion-mnist"), ROOT / "data" / "FashionMNIST" / "raw",
+                ROOT / "data" / "fashion-mnist", ROOT / "data"]
+
+
+def torchvision_fashion_root(o: Options) -> Path:
+    """``<workdir>/torchvision`` holding FashionMNIST/raw/*-ubyte (decompressed once), which
+    ``torchvision.datasets.FashionMNIST(root, download=False)`` reads."""
+    import gzip
+
+    root = o.workdir / "torchvision"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_FILES:
+        dst = raw / name
+        if dst.exists():
+            continue
+        for d in FASHION_DIRS:
+            if (d / name).exists():
+                shutil.copyfile(d / name, dst)
+                break
+            if (d / f"{name}.gz").exists():
+                tmp = dst.with_suffix(".tmp")
+                with gzip.open(d / f"{name}.gz", "rb") as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                tmp.replace(dst)
+                break
+        else:
+            raise FileNotFoundError(f"Fashion-MNIST file {name}[.gz] not found in "
+                                    f"{', '.join(str(d) for d in FASHION_DIRS)}")
+    return root
+
+
+def kdlab_datamodule(overrides: list[str]):
+    """kdlab's datamodule for a composed config (as the runner builds it)."""
+    from omegaconf import OmegaConf
+
+    from kdlab.data import build_datamodule
+
+    plain = OmegaConf.to_container(compose(overrides), resolve=True)
+    dm = build_datamodule({k: v for k, v in plain["data"].items() if k != "batch_size"},
+                          batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
+    return dm, plain
