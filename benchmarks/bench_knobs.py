@@ -27,10 +27,11 @@ def run(o: Options) -> dict[str, Any]:
     import torch
 
     fx = common.fixture(o)
+    K = len(o.chain) - 1
     out: dict[str, dict[str, Any]] = {}
     for name, ov in VARIANTS.items():
         out[name] = {}
-        for kind, k in (("live4", 4), ("alone", 0)):
+        for kind, k in (("live", K), ("alone", 0)):
             if o.quick and name == "compile":  # inductor's first compilation alone takes minutes on 2 cores
                 out[name][kind] = {"error": "skipped with --quick"}
                 continue
@@ -41,21 +42,21 @@ def run(o: Options) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - a knob this machine does not support: record why
                 out[name][kind] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
     figs = []
-    base = {kind: out["32-true"][kind].get("samples_per_second") for kind in ("live4", "alone")}
+    base = {kind: out["32-true"][kind].get("samples_per_second") for kind in ("live", "alone")}
     for name, res in out.items():
-        live, alone = res["live4"].get("samples_per_second"), res["alone"].get("samples_per_second")
+        live, alone = res["live"].get("samples_per_second"), res["alone"].get("samples_per_second")
         note = "; ".join(f"{kind}: {v['error']}" for kind, v in res.items() if "error" in v) or \
-            f"4 live sources {live} samples/s ({common.ratio(live, base['live4'])}x of 32-true), " \
+            f"{K} live sources {live} samples/s ({common.ratio(live, base['live'])}x of 32-true), " \
             f"alone {alone} ({common.ratio(alone, base['alone'])}x)"
-        figs.append(figure(f"k_{name}", f"3. knob {name}: student stage samples/s, 4 live sources", live,
+        figs.append(figure(f"k_{name}", f"3. knob {name}: student stage samples/s, {K} live sources", live,
                            "samples/s", None, None, note))
-    ok = {n: r["live4"].get("samples_per_second") or 0 for n, r in out.items()}
+    ok = {n: r["live"].get("samples_per_second") or 0 for n, r in out.items()}
     fastest = max(ok, key=ok.get)
     return {"name": "knobs", "figures": figs,
-            "details": {"variants": out, "fastest_live4": fastest,
+            "details": {"variants": out, "fastest_live": fastest,
                         "fastest_alone": max(out, key=lambda n: out[n]["alone"].get("samples_per_second") or 0),
                         "accelerator": "cuda" if torch.cuda.is_available() else "cpu",
-                        "sources": list(fx["stages"])[:4]}}
+                        "sources": [n for n in fx["stages"] if n != "student"]}}
 
 
 if __name__ == "__main__":

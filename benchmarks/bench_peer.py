@@ -57,7 +57,9 @@ def run(o: Options) -> dict[str, Any]:
     job.mkdir(parents=True, exist_ok=True)
     test_ov = [f"data.test_subset={o.test_subset}"] if o.quick else []  # full test set unless --quick
     data_ov = ["+experiment=kd_fashion_mnist", f"data.subset={o.subset}", *test_ov]
-    kd_overrides = [*data_ov, f"pipeline.teacher_checkpoint={teacher}", f"trainer.max_epochs={E}", "logger=csv",
+    t_arch, s_arch = o.chain[0], o.chain[-1]  # plain10 -> plain2 by default
+    kd_overrides = [*data_ov, f"pipeline.chain=[{t_arch},{s_arch}]", f"pipeline.teacher_checkpoint={teacher}",
+                    f"trainer.max_epochs={E}", "logger=csv",
                     "callbacks.progress=none", f"paths.output_dir={job / 'kdlab'}",
                     f"hydra.run.dir={job / 'kdlab' / 'run'}"]
     # kdlab's split, for the peer
@@ -86,6 +88,7 @@ def run(o: Options) -> dict[str, Any]:
     if mode == "torchdistill":
         cfg_text = string.Template((PEER_DIR / "kd_fashion_mnist.yaml").read_text()).substitute(
             index_file=index_file, root=root, teacher_ckpt=teacher, student_ckpt=job / "td_student.pt",
+            teacher_arch=t_arch, student_arch=s_arch,
             epochs=E, num_workers=WORKERS)
         cfg_path = job / "torchdistill.yaml"
         cfg_path.write_text(cfg_text)
@@ -100,7 +103,8 @@ def run(o: Options) -> dict[str, Any]:
                     f"torchdistill {peer_env['torchdistill']}"}
     if mode == "classic":
         cmd = [sys.executable, str(PEER_DIR / "classic_kd.py"), "--root", str(root), "--index-file",
-               str(index_file), "--teacher", teacher, "--epochs", str(E), "--workers", str(WORKERS),
+               str(index_file), "--teacher", teacher, "--teacher-arch", t_arch, "--student-arch", s_arch,
+               "--epochs", str(E), "--workers", str(WORKERS),
                "--out-ckpt", str(job / "classic_student.pt")]
         wall, proc = _run(cmd, {**env, "PYTHONPATH": peer_pythonpath})
         if proc.returncode != 0:
@@ -120,7 +124,8 @@ def run(o: Options) -> dict[str, Any]:
     gap = None if peer.get("test_acc") is None else round(abs(kd["test_acc"] - peer["test_acc"]) * 100, 2)
     name = peer["framework"].split(" --")[0]
     figs = [
-        figure("d_peer_time", f"d. peer: kdlab / {name} wall time, KD job, {E} epochs", r, "x", "<= 0.5",
+        figure("d_peer_time", f"d. peer: kdlab / {name} wall time, KD {t_arch} -> {s_arch}, {E} epochs", r, "x",
+               "<= 0.5",
                check(r, "<=", 0.5), f"kdlab {kd['wall_seconds']} s vs {peer['wall_seconds']} s" +
                (f"; {peer_note}" if peer_note else "")),
         figure("d_peer_acc", f"d. peer: test accuracy gap |kdlab - {name}|", gap, "points", "<= 1",

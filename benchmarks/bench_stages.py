@@ -50,7 +50,8 @@ def run(o: Options) -> dict[str, Any]:
 
     fx = common.fixture(o)
     dm, plain = common.kdlab_datamodule(common.base_overrides(o))
-    src_names = [n for n in fx["stages"] if n != "student"][:4]
+    src_names = [n for n in fx["stages"] if n != "student"]
+    K = len(src_names)  # 4 with the default chain
     shape = dict(num_classes=dm.num_classes, in_channels=dm.in_channels, size=dm.image_size)
     sources = [load_frozen(fx["stages"][n]["arch"], fx["stages"][n]["checkpoint"], **shape) for n in src_names]
     opt, dist = plain["optimizer"], plain["distill"]
@@ -76,48 +77,49 @@ def run(o: Options) -> dict[str, Any]:
     E = o.epochs
     for _ in range(o.repeats):  # (a): interleaved, so load changes hit both sides alike
         add("hand", hand())
-        add("uncached4", common.student_stage(o, 4, False, E))
+        add(f"uncached{K}", common.student_stage(o, K, False, E))
     for _ in range(o.repeats):
         add("alone", common.student_stage(o, 0, None, E))
-        add("cached4", common.student_stage(o, 4, True, E))
-    for k in (1, 2, 3):
+        add(f"cached{K}", common.student_stage(o, K, True, E))
+    for k in range(1, K):
         add(f"cached{k}", common.student_stage(o, k, True, E))
         add(f"uncached{k}", common.student_stage(o, k, False, E))
     drop_caches(o, [fx["stages"][n]["store_key"] for n in src_names])
-    add("cached4_cold", common.student_stage(o, 4, True, E))
+    add(f"cached{K}_cold", common.student_stage(o, K, True, E))
 
     # -- figures -------------------------------------------------------------------------------------
     figs = []
     hand_rate, kd_rate = _best(runs["hand"], "samples_per_second", True), \
-        _best(runs["uncached4"], "samples_per_second", True)
+        _best(runs[f"uncached{K}"], "samples_per_second", True)
     over = ratio(kd_rate, hand_rate)
-    figs.append(figure("a_overhead", "a. overhead: kdlab / hand-written loop, training samples/s (4 live sources)",
+    figs.append(figure("a_overhead", f"a. overhead: kdlab / hand-written loop, training samples/s ({K} live sources)",
                        over, "x", ">= 0.95", check(over, ">=", 0.95),
                        f"kdlab {kd_rate} vs hand {hand_rate} samples/s (steady state, best of {o.repeats})"))
-    fit_ratio = ratio(_best(runs["hand"], "fit_seconds"), _best(runs["uncached4"], "fit_seconds"))
+    fit_ratio = ratio(_best(runs["hand"], "fit_seconds"), _best(runs[f"uncached{K}"], "fit_seconds"))
     figs.append(figure("a_overhead_fit", "a. overhead, whole fit incl. validation + checkpoints (speed ratio)",
                        fit_ratio, "x", None, None,
                        f"hand {_best(runs['hand'], 'fit_seconds')} s vs kdlab trainer.fit "
-                       f"{_best(runs['uncached4'], 'fit_seconds')} s for {E} epochs"))
-    alone, cached, uncached = (_best(runs[k], "stage_seconds") for k in ("alone", "cached4", "uncached4"))
+                       f"{_best(runs[f'uncached{K}'], 'fit_seconds')} s for {E} epochs"))
+    alone, cached, uncached = (_best(runs[k], "stage_seconds") for k in ("alone", f"cached{K}", f"uncached{K}"))
     c1 = ratio(cached, alone)
-    figs.append(figure("c_cached_vs_alone", "c. cache: cached 4-source stage / student alone (time)", c1, "x",
+    figs.append(figure("c_cached_vs_alone", f"c. cache: cached {K}-source stage / student alone (time)", c1, "x",
                        "<= 1.2", check(c1, "<=", 1.2), f"{cached} s vs {alone} s, {E} epochs"))
     c2 = ratio(uncached, cached)
-    figs.append(figure("c_speedup", "c. cache: uncached / cached 4-source stage (speed-up)", c2, "x", ">= 3",
+    figs.append(figure("c_speedup", f"c. cache: uncached / cached {K}-source stage (speed-up)", c2, "x", ">= 3",
                        check(c2, ">=", 3.0), f"{uncached} s vs {cached} s"))
-    cold = _best(runs["cached4_cold"], "stage_seconds")
-    figs.append(figure("c_cold", "c. cache, cold: stage that first builds all 4 caches / student alone", ratio(cold, alone),
+    cold = _best(runs[f"cached{K}_cold"], "stage_seconds")
+    figs.append(figure("c_cold", f"c. cache, cold: stage that first builds all {K} caches / student alone",
+                       ratio(cold, alone),
                        "x", None, None, f"{cold} s (a pipeline builds each cache once, when the source first teaches)"))
-    cached_k = [_best(runs[f"cached{k}"], "stage_seconds") for k in (1, 2, 3, 4)]
-    uncached_k = [_best(runs[f"uncached{k}"], "stage_seconds") for k in (1, 2, 3, 4)]
-    flat = ratio(cached_k[3], cached_k[0])
-    figs.append(figure("f_scaling_cached", "f. scaling: cached stage time, 4 sources / 1 source", flat, "x",
+    cached_k = [_best(runs[f"cached{k}"], "stage_seconds") for k in range(1, K + 1)]
+    uncached_k = [_best(runs[f"uncached{k}"], "stage_seconds") for k in range(1, K + 1)]
+    flat = ratio(cached_k[-1], cached_k[0])
+    figs.append(figure("f_scaling_cached", f"f. scaling: cached stage time, {K} sources / 1 source", flat, "x",
                        "<= 1.15 (flat)", check(flat, "<=", 1.15),
-                       "cached s for k=1..4: " + ", ".join(str(v) for v in cached_k)))
-    figs.append(figure("f_scaling_uncached", "f. scaling: uncached stage time, 4 sources / 1 source",
-                       ratio(uncached_k[3], uncached_k[0]), "x", None, None,
-                       "uncached s for k=1..4: " + ", ".join(str(v) for v in uncached_k)))
+                       f"cached s for k=1..{K}: " + ", ".join(str(v) for v in cached_k)))
+    figs.append(figure("f_scaling_uncached", f"f. scaling: uncached stage time, {K} sources / 1 source",
+                       ratio(uncached_k[-1], uncached_k[0]), "x", None, None,
+                       f"uncached s for k=1..{K}: " + ", ".join(str(v) for v in uncached_k)))
     return {
         "name": "stages", "figures": figs,
         "details": {"runs": runs, "sources": src_names, "epochs": E, "train_images": dm.train_size,

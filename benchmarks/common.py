@@ -54,8 +54,9 @@ class Options:
     @classmethod
     def make(cls, quick: bool = False, **kw: Any) -> Options:
         o = cls(quick=quick)
-        if quick:
+        if quick:  # a 3-model chain (2 sources), a few hundred images, one epoch, no repeats
             o.subset, o.test_subset, o.epochs, o.repeats, o.peer_epochs = 400, 200, 1, 1, 1
+            o.chain = ["plain6", "plain4", "plain2"]
         for k, v in kw.items():
             if v is not None:
                 setattr(o, k, type(getattr(o, k))(v) if not isinstance(getattr(o, k), list) else v)
@@ -78,6 +79,8 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--subset", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--chain", default=None, help="comma-separated DGKD chain, largest first; the last is the "
+                    "student (default plain10,plain8,plain6,plain4,plain2)")
     ap.add_argument("--peer-epochs", type=int, default=None)
     ap.add_argument("--peer-mode", choices=["torchdistill", "classic"], default=None)
     ap.add_argument("--memory-full", action="store_true", default=None,
@@ -86,7 +89,7 @@ def add_options(ap: argparse.ArgumentParser) -> None:
 
 def options_from(a: argparse.Namespace) -> Options:
     return Options.make(quick=a.quick, workdir=a.workdir, subset=a.subset, epochs=a.epochs,
-                        repeats=a.repeats, peer_epochs=a.peer_epochs, peer_mode=a.peer_mode,
+                        repeats=a.repeats, chain=a.chain.split(",") if a.chain else None, peer_epochs=a.peer_epochs, peer_mode=a.peer_mode,
                         memory_full=a.memory_full)
 
 

@@ -74,6 +74,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*is deprecated.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")  # on_nan=rollback skips a batch
+    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # DDP: metrics sync
     for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
                  "lightning.pytorch.utilities.rank_zero", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -244,7 +244,7 @@ def test_baselines_share_the_teacher_and_the_student():
     (spec,) = build_stages(single)
     assert spec.sources == [] and spec.model == students[2].model
     # the CPU recipe's sizing (stated in docs/methods.md)
-    assert pm["data"]["subset"] == 4000 and pm["trainer"]["max_epochs"] == 4 and pm["data"]["augment"] == "none"
+    assert pm["data"]["subset"] == 6000 and pm["trainer"]["max_epochs"] == 4 and pm["data"]["augment"] == "none"
 
 
 def test_cifar100_recipes():

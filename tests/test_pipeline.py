@@ -184,3 +184,10 @@ def test_cli_teacher_checkpoint_is_loaded_and_checked(tmp_path):
     r = run_kdlab(args + [f"pipeline.teacher_checkpoint={wrong_arch}"], out, tmp_path / "bad2")
     assert r.returncode == 2 and "does not match architecture 'plain4'" in r.stderr
     assert json.loads((tmp_path / "bad2" / "results.json").read_text())["status"] == "failed"
+
+
+def test_per_stage_seed_fixes_one_stage():
+    c = cfg(per_stage={"teacher": {"seed": 0}})
+    c["seed"] = 5
+    specs = build_stages(c)
+    assert specs[0].seed == 0 and all(s.seed == 5 for s in specs[1:])

@@ -40,8 +40,8 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def done_stages(store: Path) -> dict[str, int]:
-    """{key: mtime_ns of DONE} of every stage marked done."""
-    return {p.parent.name: p.stat().st_mtime_ns for p in store.glob("*/DONE")}
+    """{key: mtime_ns of DONE} of every stage marked done (not those quarantined as <key>.corrupt-*)."""
+    return {p.parent.name: p.stat().st_mtime_ns for p in store.glob("*/DONE") if "." not in p.parent.name}
 
 
 def assert_store_consistent(store: Path) -> None:

@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--root", required=True)
     ap.add_argument("--index-file", required=True)
     ap.add_argument("--teacher", required=True)
+    ap.add_argument("--teacher-arch", default="plain10")
+    ap.add_argument("--student-arch", default="plain2")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out-ckpt", required=True)
@@ -52,10 +54,10 @@ def main() -> None:
         "test": DataLoader(Subset(test_set, index["test"].tolist()), batch_size=256, num_workers=a.workers),
     }
     kw = {"num_classes": 10, "in_channels": 1, "input_size": 28}
-    teacher = build_model("plain10", **kw)
+    teacher = build_model(a.teacher_arch, **kw)
     teacher.load_state_dict(torch.load(a.teacher, weights_only=True))
     teacher.eval()
-    student = build_model("plain2", **kw)
+    student = build_model(a.student_arch, **kw)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     T, alpha = 4.0, 0.5
     best, epoch_seconds = 0.0, []

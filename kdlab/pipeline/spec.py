@@ -9,7 +9,8 @@
     pipeline.generations G: G generations of the first chain model (seeds seed..seed+G-1; names gen1..genG-1,
                          student), each taught by the previous one (topology sequential; dense: by all)
     pipeline.per_stage {stage name: {distill: {...}, optimizer: {...}, scheduler: {...}, max_epochs, model,
-                        seed_offset}}  overrides for one stage
+                        seed_offset, seed}}  overrides for one stage (``seed`` fixes the stage's seed, e.g.
+                        one teacher shared by a sweep over seeds: +pipeline.per_stage.teacher.seed=0)
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
             name=name, role=role, model=model, sources=list(sources[i]), distill=stage_distill,
             optimizer=deep_merge(dict(cfg["optimizer"]), over.get("optimizer")),
             scheduler=deep_merge(dict(cfg["scheduler"]), over.get("scheduler")),
-            max_epochs=max_epochs, seed=seed + offsets[i] + int(over.get("seed_offset", 0)),
+            max_epochs=max_epochs,
+            seed=int(over["seed"]) if over.get("seed") is not None else seed + offsets[i] + int(over.get("seed_offset", 0)),
             stochastic=stage_stochastic,
             checkpoint=(p.get("teacher_checkpoint") if i == 0 and topology != "custom" else None),
         ))
