@@ -294,8 +294,12 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
             raise TrainingError(f"stage {spec.name!r}: no validation accuracy was recorded "
                                 f"(is the validation split empty?)")
         best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint"))
-        module.model.load_state_dict(best_state)
-        test_best = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+        curve = list(module.val_curve)
+        if curve and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1:
+            test_best = test_last  # the best epoch is the last one: same weights, no second test pass
+        else:
+            module.model.load_state_dict(best_state)
+            test_best = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
         status = "success"
     finally:
         finish_loggers(loggers, status)
