@@ -42,7 +42,7 @@ def run(o: Options) -> dict[str, Any]:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    dm, plain = common.kdlab_datamodule(["data.subset=null", "data.augment=crop_flip", "data.pad=4",
+    dm, _ = common.kdlab_datamodule(["data.subset=null", "data.augment=crop_flip", "data.pad=4",
                                          f"data.batch_size={128}"])
     seconds = 1.0 if o.quick else 10.0
     kd = _rate(dm.train_dataloader, seconds)
@@ -53,7 +53,7 @@ def run(o: Options) -> dict[str, Any]:
                 [int(i) for i in dm.train_index])
     loader = DataLoader(ds, batch_size=128, shuffle=True, num_workers=2, persistent_workers=True)
     tv = _rate(lambda: loader, seconds)
-    del loader
+    loader = None  # its persistent workers exit
 
     # the same batches: shapes, dtype and value range agree
     xk = next(iter(dm.train_dataloader()))[0]

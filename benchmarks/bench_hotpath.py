@@ -28,7 +28,7 @@ def run(o: Options) -> dict[str, Any]:
     import torch
     from pytorch_lightning.callbacks import Callback
 
-    fx = common.fixture(o)
+    common.fixture(o)
     seen: dict[str, Counter] = {"train": Counter(), "validate": Counter(), "test": Counter()}
     modes: Counter = Counter()
     prof_counts: Counter = Counter()
@@ -98,7 +98,7 @@ def run(o: Options) -> dict[str, Any]:
                f"calls {train_calls} over {len(kept_names)} batches ({K - 1} of {K} kept per batch)"),
         figure("h_inference", "2. sources run under torch.inference_mode (share of source forwards)",
                round(modes[(True, False)] / max(sum(modes.values()), 1), 3), "", "== 1", inference_only,
-               f"(inference_mode, grad_enabled) counts: {dict((str(k), v) for k, v in modes.items())}"),
+               f"(inference_mode, grad_enabled) counts: { {str(k): v for k, v in modes.items()} }"),
         figure("h_eval", "2. source forwards during validation/test of the student", eval_calls, "calls", "== 0",
                eval_calls == 0, "each source is evaluated once, when it is trained as its own stage"),
         figure("h_syncs", "2. host-reading ops per training step (.item()/bool()/unique)", round(syncs, 2),

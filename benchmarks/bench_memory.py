@@ -104,8 +104,8 @@ def run(o: Options) -> dict[str, Any]:
     m = measure(cmd, env)
     shutil.rmtree(out, ignore_errors=True)
     # what importing the libraries alone costs (the CUDA build of torch maps large libraries)
-    base = measure([sys.executable, "-c", "import kdlab.pipeline.runner, "
-                    "pytorch_lightning, wandb"], env, period=0.02)
+    base = measure([sys.executable, "-c", "import kdlab.pipeline.runner, pytorch_lightning, wandb"], env,
+                   period=0.02)
     if m["returncode"] != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {m['returncode']}):\n{m['tail']}")
     peak = m["peak_kdlab_mib"] or m["peak_process_mib"]

@@ -36,7 +36,7 @@ WORKERS = 2  # DataLoader workers of the peer (this is a 2-core machine; the iss
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     return time.perf_counter() - t0, proc
 
 
@@ -52,18 +52,29 @@ def run(o: Options) -> dict[str, Any]:
 
     fx = common.fixture(o)
     teacher = fx["stages"]["teacher"]["checkpoint"]
-    E = o.peer_epochs
     job = o.workdir / f"peer-{os.getpid()}"
     job.mkdir(parents=True, exist_ok=True)
-    test_ov = [f"data.test_subset={o.test_subset}"] if o.quick else []  # full test set unless --quick
-    data_ov = ["+experiment=kd_fashion_mnist", f"data.subset={o.subset}", *test_ov]
+    # the recipe as shipped (CPU preset: data subset, epochs; the full test set), sized down only by options
+    job_ov = ["+experiment=kd_fashion_mnist"]
+    job_ov += [] if o.subset is None else [f"data.subset={o.subset}"]
+    job_ov += [f"data.test_subset={o.test_subset}"] if o.quick else []
+    job_ov += [] if o.peer_epochs is None else [f"trainer.max_epochs={o.peer_epochs}"]
     t_arch, s_arch = o.chain[0], o.chain[-1]  # plain10 -> plain2 by default
-    kd_overrides = [*data_ov, f"pipeline.chain=[{t_arch},{s_arch}]", f"pipeline.teacher_checkpoint={teacher}",
-                    f"trainer.max_epochs={E}", "logger=csv",
-                    "callbacks.progress=none", f"paths.output_dir={job / 'kdlab'}",
+    kd_overrides = [*job_ov, f"pipeline.chain=[{t_arch},{s_arch}]", f"pipeline.teacher_checkpoint={teacher}",
+                    "logger=csv", "callbacks.progress=none", f"paths.output_dir={job / 'kdlab'}",
                     f"hydra.run.dir={job / 'kdlab' / 'run'}"]
-    # kdlab's split, for the peer
-    dm, _ = common.kdlab_datamodule(data_ov)
+    # kdlab's split and settings, for the peer
+    dm, plain = common.kdlab_datamodule(job_ov)
+    E = int(plain["trainer"]["max_epochs"])
+    opt, dist, bs = plain["optimizer"], plain["distill"], int(plain["data"]["batch_size"])
+    if "constant" not in str((plain.get("scheduler") or {}).get("_target_", "constant")) \
+            or dist.get("strategy") != "kd":
+        raise RuntimeError("the peer job expects Hinton KD at a constant learning rate")
+    settings = {"lr": float(opt["lr"]), "momentum": float(opt["momentum"]),
+                "weight_decay": float(opt["weight_decay"]), "temperature": float(dist["temperature"]),
+                "alpha": 1.0 - float(dist["lam"]), "batch_size": bs,
+                "eval_batch_size": int(plain["data"].get("batch_size_eval") or 2 * bs),
+                "mean": list(dm.mean), "std": list(dm.std)}
     index_file = job / "split.pt"
     torch.save({k: torch.as_tensor(getattr(dm, f"{k}_index")).long() for k in ("train", "val", "test")},
                index_file)
@@ -88,8 +99,7 @@ def run(o: Options) -> dict[str, Any]:
     if mode == "torchdistill":
         cfg_text = string.Template((PEER_DIR / "kd_fashion_mnist.yaml").read_text()).substitute(
             index_file=index_file, root=root, teacher_ckpt=teacher, student_ckpt=job / "td_student.pt",
-            teacher_arch=t_arch, student_arch=s_arch,
-            epochs=E, num_workers=WORKERS)
+            teacher_arch=t_arch, student_arch=s_arch, epochs=E, num_workers=WORKERS, **settings)
         cfg_path = job / "torchdistill.yaml"
         cfg_path.write_text(cfg_text)
         cmd = [peer_env["python"], str(PEER_DIR / "torchdistill_kd.py"), "--config", str(cfg_path)]
@@ -104,7 +114,7 @@ def run(o: Options) -> dict[str, Any]:
     if mode == "classic":
         cmd = [sys.executable, str(PEER_DIR / "classic_kd.py"), "--root", str(root), "--index-file",
                str(index_file), "--teacher", teacher, "--teacher-arch", t_arch, "--student-arch", s_arch,
-               "--epochs", str(E), "--workers", str(WORKERS),
+               "--epochs", str(E), "--workers", str(WORKERS), "--settings", json.dumps(settings),
                "--out-ckpt", str(job / "classic_student.pt")]
         wall, proc = _run(cmd, {**env, "PYTHONPATH": peer_pythonpath})
         if proc.returncode != 0:

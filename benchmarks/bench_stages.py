@@ -44,15 +44,15 @@ def drop_caches(o: Options, keys: list[str]) -> None:
 
 def run(o: Options) -> dict[str, Any]:
     import torch
-
     from handloop import load_frozen, train_dgkd_student
+
     from kdlab.models import build_model
 
     fx = common.fixture(o)
     dm, plain = common.kdlab_datamodule(common.base_overrides(o))
     src_names = [n for n in fx["stages"] if n != "student"]
     K = len(src_names)  # 4 with the default chain
-    shape = dict(num_classes=dm.num_classes, in_channels=dm.in_channels, size=dm.image_size)
+    shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "size": dm.image_size}
     sources = [load_frozen(fx["stages"][n]["arch"], fx["stages"][n]["checkpoint"], **shape) for n in src_names]
     opt, dist = plain["optimizer"], plain["distill"]
     ckpt = o.workdir / f"handloop-{id(o)}.ckpt"
@@ -78,12 +78,14 @@ def run(o: Options) -> dict[str, Any]:
     for _ in range(o.repeats):  # (a): interleaved, so load changes hit both sides alike
         add("hand", hand())
         add(f"uncached{K}", common.student_stage(o, K, False, E))
-    for _ in range(o.repeats):
+    cheap = 1 if o.quick else max(3, o.repeats)  # short stages: more repeats against load noise
+    for _ in range(cheap):
         add("alone", common.student_stage(o, 0, None, E))
         add(f"cached{K}", common.student_stage(o, K, True, E))
     for k in range(1, K):
-        add(f"cached{k}", common.student_stage(o, k, True, E))
         add(f"uncached{k}", common.student_stage(o, k, False, E))
+        for _ in range(max(1, cheap - 1)):
+            add(f"cached{k}", common.student_stage(o, k, True, E))
     drop_caches(o, [fx["stages"][n]["store_key"] for n in src_names])
     add(f"cached{K}_cold", common.student_stage(o, K, True, E))
 

@@ -25,11 +25,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import common  # noqa: E402
+import common
 
-BENCHES = ["hotpath", "data", "stages", "knobs", "peer", "memory"]
+BENCHES = ["hotpath", "data", "stages", "knobs", "peer", "memory", "gpu"]
 WHAT = {"hotpath": "2. no wasted work (profile)", "data": "b. data path", "stages": "a/c/f. student stages",
-        "knobs": "3. speed knobs", "peer": "d. peer (torchdistill)", "memory": "e. memory"}
+        "knobs": "3. speed knobs", "peer": "d. peer (torchdistill)", "memory": "e. memory",
+        "gpu": "5. GPU (only where there is one)"}
+DOCS = HERE.parent / "docs" / "performance.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def run_one(name: str, argv: list[str], o: common.Options, inproc: bool, timeout: float) -> dict[str, Any]:
@@ -50,7 +53,7 @@ def run_one(name: str, argv: list[str], o: common.Options, inproc: bool, timeout
         cmd = [sys.executable, str(HERE / f"bench_{name}.py"), *argv, "--out", str(out)]
         with open(log, "w") as fh:
             try:
-                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
+                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, check=False,
                                     env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -92,9 +95,10 @@ def table(results: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    out = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-           f"GPU: {m['cuda'] or 'none'}; 1-min load average {report['loadavg'][0]} at start, "
-           f"{report['loadavg'][1]} at the end. Command: `{report['command']}` ({report['seconds']:.0f} s).", "",
+    head = (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"GPU: {m['cuda'] or 'none'}; 1-min load average {report['loadavg'][0]} at start, "
+            f"{report['loadavg'][1]} at the end. Command: `{report['command']}` ({report['seconds']:.0f} s).")
+    out = [head, "",
            "| figure | value | target | met | measured as |", "|---|---|---|---|---|"]
     for name, res in report["benches"].items():
         if res.get("error"):
@@ -117,6 +121,8 @@ def main() -> None:
                     help="JSON report (default benchmarks/results/bench.json; bench-quick.json with --quick)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per benchmark")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--docs", action="store_true", help=f"also put the table into {DOCS.relative_to(HERE.parent)} "
+                    f"(between its {BEGIN} / {END} lines)")
     a = ap.parse_args()
     common.quiet()
     o = common.options_from(a)
@@ -126,7 +132,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHES)}")
     inproc = a.quick if a.inproc is None else a.inproc
-    argv = [arg for arg in sys.argv[1:] if arg not in ("--inproc", "--strict")]
+    argv = [arg for arg in sys.argv[1:] if arg not in ("--inproc", "--strict", "--docs")]
     argv = _strip(argv, ("--only", "--skip", "--out", "--timeout"))
     out = a.out or HERE / "results" / ("bench-quick.json" if a.quick else "bench.json")
     t0 = time.perf_counter()
@@ -147,6 +153,11 @@ def main() -> None:
     tmp.write_text(json.dumps(report, indent=2, default=str))
     tmp.replace(out)
     out.with_suffix(".md").write_text(markdown(report))
+    if a.docs:
+        text = DOCS.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            DOCS.write_text(head + BEGIN + "\n" + markdown(report) + END + rest.split(END, 1)[1])
     print(table(results))
     print(f"\n{report['seconds']:.0f} s; machine: {report['machine']['cpu']} ({report['machine']['cores']} cores), "
           f"load {report['loadavg'][0]} -> {report['loadavg'][1]}; JSON: {out}")

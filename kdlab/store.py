@@ -318,6 +318,8 @@ class StageStore:
             return None
         problem = self._verify(d)
         if problem is None:
+            if self.writer and (d / "work").exists():  # killed between the marker and the clean-up
+                shutil.rmtree(d / "work", ignore_errors=True)
             return StageRecord(key, d, json.loads((d / "meta.json").read_text()))
         message = f"stored stage {label or key} ({d}) is corrupted: {problem}"
         if self.on_corrupt == "fail":

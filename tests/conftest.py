@@ -37,7 +37,8 @@ def run_kdlab(args: list[str], out: Path, run_dir: Path | None = None, synth: bo
     cmd += (SYNTH if synth else []) + list(args) + [f"paths.output_dir={out}"]
     if run_dir is not None:
         cmd.append(f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}")
-    return subprocess.run(cmd, cwd=ROOT, env=kdlab_env(env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=kdlab_env(env), capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def read_results(run_dir: Path) -> dict:

@@ -242,22 +242,33 @@ def _start(job: dict) -> subprocess.Popen:
                                 stdout=out, stderr=err)
 
 
+def run_cli_batch(jobs: list[dict], forked: bool = True, parallel: int = 2) -> dict[str, int]:
+    """Run CLI jobs ({id, module, argv, stdout, stderr}) as processes; their exit statuses by id.
+
+    ``forked``: children of the warm helper, ``parallel`` at a time; else ``python -m`` each, all at once."""
+    if not jobs:
+        return {}
+    if not forked:
+        procs = {j["id"]: _start(j) for j in jobs}
+        return {cid: p.wait(timeout=900) for cid, p in procs.items()}
+    helper = subprocess.run([sys.executable, "-c", FORK_HELPER, str(ROOT), str(parallel)], check=False, cwd=ROOT,
+                            env=kdlab_env(), input=json.dumps(jobs), capture_output=True, text=True, timeout=900)
+    assert helper.returncode == 0, helper.stderr[-3000:]
+    return json.loads(helper.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def outcomes(assets, tmp_path_factory) -> dict[str, Outcome]:
     """Every case's exit status and output: the forked ones through the helper, the others as
     ``python -m kdlab``, all started at once (the helper runs a few children at a time)."""
     base = tmp_path_factory.mktemp("bad")
-    jobs = []
+    jobs = {}
     for c in CASES:
         (base / c.id).mkdir()
-        jobs.append({"id": c.id, "module": c.module, "argv": cli_argv(c, assets, base / c.id / "out"),
-                     "stdout": str(base / c.id / "stdout"), "stderr": str(base / c.id / "stderr")})
-    execs = {j["id"]: _start(j) for c, j in zip(CASES, jobs) if c.exec}
-    helper = subprocess.run([sys.executable, "-c", FORK_HELPER, str(ROOT), "2"], check=False, cwd=ROOT,
-                            env=kdlab_env(), input=json.dumps([j for c, j in zip(CASES, jobs) if not c.exec]),
-                            capture_output=True, text=True, timeout=900)
-    assert helper.returncode == 0, helper.stderr[-3000:]
-    codes = json.loads(helper.stdout.strip().splitlines()[-1])
+        jobs[c.id] = {"id": c.id, "module": c.module, "argv": cli_argv(c, assets, base / c.id / "out"),
+                      "stdout": str(base / c.id / "stdout"), "stderr": str(base / c.id / "stderr")}
+    execs = {c.id: _start(jobs[c.id]) for c in CASES if c.exec}
+    codes = run_cli_batch([jobs[c.id] for c in CASES if not c.exec])
     codes.update({cid: p.wait(timeout=900) for cid, p in execs.items()})
     return {c.id: Outcome(codes[c.id], (base / c.id / "stdout").read_text(), (base / c.id / "stderr").read_text(),
                           base / c.id / "out") for c in CASES}

@@ -44,7 +44,7 @@ def _figures(result: dict) -> dict[str, dict]:
 
 
 def test_student_stage_benchmarks(bench):
-    common, o = bench
+    _, o = bench
     import bench_stages
 
     figs = _figures(bench_stages.run(o))
@@ -54,7 +54,7 @@ def test_student_stage_benchmarks(bench):
 
 
 def test_no_wasted_work(bench):
-    common, o = bench
+    _, o = bench
     import bench_hotpath
 
     figs = _figures(bench_hotpath.run(o))
@@ -63,7 +63,7 @@ def test_no_wasted_work(bench):
 
 
 def test_knobs(bench, monkeypatch):
-    common, o = bench
+    _, o = bench
     import bench_knobs
 
     monkeypatch.setattr(bench_knobs, "VARIANTS", {k: bench_knobs.VARIANTS[k] for k in ("32-true", "bf16-mixed")})
@@ -72,7 +72,7 @@ def test_knobs(bench, monkeypatch):
 
 
 def test_orchestrator_data_benchmark(bench, monkeypatch, tmp_path):
-    common, o = bench
+    _, o = bench
     import run as bench_run
 
     out = tmp_path / "bench.json"
@@ -88,7 +88,6 @@ def test_orchestrator_data_benchmark(bench, monkeypatch, tmp_path):
 
 
 def test_memory_poller_sees_a_child_process(bench):
-    common, o = bench
     import bench_memory
 
     m = bench_memory.measure([sys.executable, "-c", "import time; b = bytearray(300 * 2**20); time.sleep(0.6)"],
@@ -102,16 +101,18 @@ def test_torchdistill_config_renders(bench):
     template = (BENCH / "peer" / "kd_fashion_mnist.yaml").read_text()
     text = string.Template(template).substitute(
         index_file="/x/split.pt", root="/x/tv", teacher_ckpt="/x/t.pt", student_ckpt="/x/s.pt", epochs=3,
-        num_workers=2, teacher_arch="plain10", student_arch="plain2")
+        num_workers=2, teacher_arch="plain10", student_arch="plain2", lr=0.01, momentum=0.9, weight_decay=1e-4,
+        temperature=4.0, alpha=0.5, batch_size=128, eval_batch_size=256, mean=[0.286], std=[0.353])
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.add_multi_constructor("!", lambda loader, suffix, node: loader.construct_mapping(node, deep=True)
                                  if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node))
-    cfg = yaml.load(text, Loader=Loader)  # noqa: S506 - our own loader (tags become plain mappings)
+    cfg = yaml.load(text, Loader=Loader)
     assert set(cfg["datasets"]) == {"fashion_mnist/train", "fashion_mnist/val", "fashion_mnist/test"}
     assert cfg["models"]["teacher_model"]["key"] == "plain10" and cfg["train"]["num_epochs"] == 3
     kd = cfg["train"]["criterion"]["kwargs"]["sub_terms"]["kd"]["criterion"]
     assert kd["key"] == "KDLoss" and kd["kwargs"]["temperature"] == 4.0 and kd["kwargs"]["alpha"] == 0.5
     assert cfg["train"]["train_data_loader"]["kwargs"]["batch_size"] == 128
+    assert cfg["train"]["optimizer"]["kwargs"] == {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,15 @@ def test_kill_during_commit_leaves_the_stage_not_done(tmp_path, victim):
     assert torch.equal(store.lookup("k").state_dict()["w"], torch.full((3,), 2.0))
 
 
+def test_checkpoints_left_by_a_kill_after_the_marker_are_cleaned_up(tmp_path):
+    """Killed between DONE and removing work/: the stage is done; its next lookup drops the checkpoints."""
+    store = StageStore(tmp_path)
+    store.commit("k", {"w": torch.ones(3)}, {"name": "teacher"})
+    (tmp_path / "k" / "work").mkdir()
+    (tmp_path / "k" / "work" / "last.ckpt").write_bytes(b"x" * 100)
+    assert store.lookup("k") is not None and not (tmp_path / "k" / "work").exists()
+
+
 @pytest.mark.parametrize("failing", ["model.pt", "meta.json", "DONE"])
 def test_write_error_during_commit_is_clear_and_leaves_no_done(tmp_path, monkeypatch, failing):
     """A full disk (ENOSPC, mocked) at any file of a commit: a StoreError naming the stage, no marker."""
@@ -249,50 +259,101 @@ def test_load_weights_never_runs_a_payload(tmp_path, payload):
     assert not marker.exists()
 
 
-# -- 4. safe loading through the CLI --------------------------------------------------------------------
-def test_malicious_teacher_checkpoint_is_refused_and_never_runs(tmp_path):
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "teacher.pt"
-    torch.save({"state_dict": {"model.w": torch.ones(2)}, "callbacks": Evil(marker)}, evil)
-    r = kd(["pipeline=direct", "pipeline.chain=[plain4,plain2]", f"pipeline.teacher_checkpoint={evil}"],
-           tmp_path / "out", tmp_path / "run")
-    assert r.returncode == 2, r.stderr[-3000:]
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kdlab: error: refusing to load teacher checkpoint"), r.stderr
-    assert str(evil) in lines[0] and "could run code" in lines[0] and "Traceback" not in r.stderr
-    assert not marker.exists()
-    assert not list((tmp_path / "out").rglob("DONE"))
-    assert read_results(tmp_path / "run")["status"] == "failed"
+# -- 4./5. the CLI under faults: one batch of runs (forked from a warm helper, see test_bad_inputs) ----------
+DIRECT = ["pipeline=direct", "pipeline.chain=[plain4,plain2]"]
 
 
-# -- 5. training faults ----------------------------------------------------------------------------------
-def test_nan_loss_stops_naming_stage_epoch_and_step(tmp_path):
-    r = kd(["pipeline=direct", "pipeline.chain=[plain4,plain2]", "optimizer.lr=1e30"], tmp_path / "out",
-           tmp_path / "run")
-    assert r.returncode == 1, r.stderr[-3000:]
-    lines = error_lines(r.stderr)
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "stage 'teacher': loss is nan at epoch 0, step " in lines[0] or \
-        "stage 'teacher': loss is inf at epoch 0, step " in lines[0], lines[0]
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
+                       capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    """The CLI runs of the fault tests below, started together; yields {name: (code, stdout, stderr, dir)}."""
+    from tests.test_bad_inputs import run_cli_batch
+
+    base = tmp_path_factory.mktemp("faults")
+    marker = base / "pwned"
+    torch.save({"state_dict": {"model.w": torch.ones(2)}, "callbacks": Evil(marker)}, base / "teacher.pt")
+    full = _tmpfs(base / "full", "160k")  # the store on a 160 KiB disk: the first checkpoint does not fit
+    scenarios = {
+        "malicious_teacher": [*DIRECT, f"pipeline.teacher_checkpoint={base / 'teacher.pt'}"],
+        "nan_stop": [*DIRECT, "optimizer.lr=1e30"],
+        "nan_rollback": [*DIRECT, "optimizer.lr=1e30", "on_nan=rollback", "data.batch_size=16"],
+    }
+    if full:
+        scenarios["full_disk"] = [*DIRECT, f"paths.store_dir={base / 'full'}"]
+    jobs = []
+    for name, args in scenarios.items():
+        d = base / name
+        d.mkdir()
+        argv = [t for t in TINY if not any(t.startswith(a.split("=")[0] + "=") for a in args)] + args
+        jobs.append({"id": name, "module": "kdlab", "argv": [*argv, f"paths.output_dir={d / 'out'}",
+                                                             f"hydra.run.dir={d / 'run'}"],
+                     "stdout": str(d / "stdout"), "stderr": str(d / "stderr")})
+    try:
+        codes = run_cli_batch(jobs)
+        yield {name: (codes[name], (base / name / "stdout").read_text(), (base / name / "stderr").read_text(),
+                      base / name) for name in scenarios} | {"marker": marker, "full": full, "store": base / "full"}
+    finally:
+        if full:
+            subprocess.run(["umount", str(base / "full")], check=False)
+
+
+def test_malicious_teacher_checkpoint_is_refused_and_never_runs(faults):
+    code, _, stderr, d = faults["malicious_teacher"]
+    assert code == 2, stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kdlab: error: refusing to load teacher checkpoint"), stderr
+    assert "teacher.pt" in lines[0] and "posix.system, which could run code" in lines[0]
+    assert "Traceback" not in stderr
+    assert not faults["marker"].exists()  # the payload never ran
+    assert not list((d / "out").rglob("DONE"))
+    assert read_results(d / "run")["status"] == "failed"
+
+
+def test_nan_loss_stops_naming_stage_epoch_and_step(faults):
+    code, _, stderr, d = faults["nan_stop"]
+    assert code == 1, stderr[-3000:]
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert re.search(r"stage 'teacher': loss is (nan|inf) at epoch 0, step \d+ \(batch \d+\)", lines[0]), lines[0]
     assert "on_nan=rollback" in lines[0]
-    assert not list((tmp_path / "out").rglob("DONE"))
-    res = read_results(tmp_path / "run")
+    assert not list((d / "out").rglob("DONE"))
+    res = read_results(d / "run")
     assert res["status"] == "failed" and "loss is" in res["error"]
 
 
-def test_nan_rollback_gives_up_after_its_budget(tmp_path):
+def test_nan_rollback_gives_up_after_its_budget(faults):
     """on_nan=rollback: each NaN rolls back with lr x0.1 (a warning each), and after 3 it stops."""
-    r = kd(["pipeline=direct", "pipeline.chain=[plain4,plain2]", "optimizer.lr=1e30", "on_nan=rollback",
-            "data.batch_size=16"], tmp_path / "out", tmp_path / "run")
-    assert r.returncode == 1, r.stderr[-3000:]
-    rollbacks = [ln for ln in r.stderr.splitlines() if "rolled back" in ln]
+    code, _, stderr, d = faults["nan_rollback"]
+    assert code == 1, stderr[-3000:]
+    rollbacks = [ln for ln in stderr.splitlines() if "rolled back" in ln]
     assert len(rollbacks) == 3 and all(ln.startswith("kdlab: warning: stage 'teacher': loss is") for ln in rollbacks)
     assert "(1e+29)" in rollbacks[0] and "(1e+27)" in rollbacks[2]  # the learning rate, x0.1 each time
-    lines = error_lines(r.stderr)
+    lines = error_lines(stderr)
     assert len(lines) == 1 and "still not finite after 3 rollbacks" in lines[0] and "stage 'teacher'" in lines[0]
-    assert not list((tmp_path / "out").rglob("DONE"))
+    assert not list((d / "out").rglob("DONE"))
 
 
+def test_full_disk_is_a_clear_error_and_leaves_the_store_consistent(faults):
+    if not faults["full"]:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    code, _, stderr, d = faults["full_disk"]
+    assert code == 1, stderr[-3000:]
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "stage 'teacher'" in lines[0] and "No space left on device" in lines[0], lines[0]
+    assert not list(faults["store"].rglob("DONE"))
+    assert read_results(d / "run")["status"] == "failed"
+
+
+# -- 5. training faults ----------------------------------------------------------------------------------
 def _poisoned_loader(n_batches: int, poison: set[int]):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_batches * 8, 4, generator=g)
@@ -346,33 +407,6 @@ def test_nan_stop_and_exhausted_rollback_raise_training_errors():
         _fit(_module("stop"), _poisoned_loader(4, {2}))
     with pytest.raises(TrainingError, match="still not finite after 3 rollbacks"):
         _fit(_module("rollback"), _poisoned_loader(6, {1, 2, 3, 4}))
-
-
-def _tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
-                       capture_output=True)
-    return r.returncode == 0
-
-
-def test_full_disk_is_a_clear_error_and_leaves_the_store_consistent(tmp_path):
-    """The store on a 160 KiB tmpfs: the teacher's first checkpoint does not fit."""
-    store = tmp_path / "full"
-    if not _tmpfs(store, "160k"):
-        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
-    try:
-        r = kd(["pipeline=direct", "pipeline.chain=[plain4,plain2]", f"paths.store_dir={store}"],
-               tmp_path / "out", tmp_path / "run")
-        assert r.returncode == 1, r.stderr[-3000:]
-        lines = error_lines(r.stderr)
-        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-        assert "stage 'teacher'" in lines[0] and "No space left on device" in lines[0], lines[0]
-        assert not list(store.rglob("DONE"))
-        assert read_results(tmp_path / "run")["status"] == "failed"
-    finally:
-        subprocess.run(["umount", str(store)], check=False)
 
 
 # -- slow scenarios: real processes killed, four at once, a store damaged on disk ----------------------

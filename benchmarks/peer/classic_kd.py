@@ -12,12 +12,12 @@ import time
 
 T_START = time.perf_counter()
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
-from torchvision import datasets, transforms  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
 
-from kdlab.models import build_model  # noqa: E402
+from kdlab.models import build_model
 
 
 @torch.inference_mode()
@@ -41,25 +41,31 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out-ckpt", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--settings", default="{}", help="JSON: lr, momentum, weight_decay, temperature, alpha, "
+                    "batch_size, eval_batch_size, mean, std (bench_peer.py passes kdlab's)")
     a = ap.parse_args()
+    st = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 4.0, "alpha": 0.5, "batch_size": 128,
+          "eval_batch_size": 256, "mean": [0.2860], "std": [0.3530], **json.loads(a.settings)}
     torch.manual_seed(a.seed)
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(st["mean"], st["std"])])
     index = torch.load(a.index_file, weights_only=True)
     train_set = datasets.FashionMNIST(a.root, train=True, download=False, transform=tf)
     test_set = datasets.FashionMNIST(a.root, train=False, download=False, transform=tf)
     loaders = {
-        "train": DataLoader(Subset(train_set, index["train"].tolist()), batch_size=128, shuffle=True,
+        "train": DataLoader(Subset(train_set, index["train"].tolist()), batch_size=st["batch_size"], shuffle=True,
                             num_workers=a.workers),
-        "val": DataLoader(Subset(train_set, index["val"].tolist()), batch_size=256, num_workers=a.workers),
-        "test": DataLoader(Subset(test_set, index["test"].tolist()), batch_size=256, num_workers=a.workers),
+        "val": DataLoader(Subset(train_set, index["val"].tolist()), batch_size=st["eval_batch_size"],
+                          num_workers=a.workers),
+        "test": DataLoader(Subset(test_set, index["test"].tolist()), batch_size=st["eval_batch_size"],
+                           num_workers=a.workers),
     }
     kw = {"num_classes": 10, "in_channels": 1, "input_size": 28}
     teacher = build_model(a.teacher_arch, **kw)
     teacher.load_state_dict(torch.load(a.teacher, weights_only=True))
     teacher.eval()
     student = build_model(a.student_arch, **kw)
-    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    T, alpha = 4.0, 0.5
+    opt = torch.optim.SGD(student.parameters(), lr=st["lr"], momentum=st["momentum"], weight_decay=st["weight_decay"])
+    T, alpha = st["temperature"], st["alpha"]
     best, epoch_seconds = 0.0, []
     t_train = time.perf_counter()
     for _ in range(a.epochs):

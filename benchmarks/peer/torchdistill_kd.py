@@ -15,12 +15,12 @@ import time
 
 T_START = time.perf_counter()
 
-import torch  # noqa: E402
-from torchdistill.common import yaml_util  # noqa: E402
-from torchdistill.common.main_util import import_dependencies, load_ckpt, save_ckpt, set_seed  # noqa: E402
-from torchdistill.core.distillation import get_distillation_box  # noqa: E402
-from torchdistill.datasets.util import build_data_loader  # noqa: E402
-from torchdistill.models.registry import get_model  # noqa: E402
+import torch
+from torchdistill.common import yaml_util
+from torchdistill.common.main_util import import_dependencies, load_ckpt, save_ckpt, set_seed
+from torchdistill.core.distillation import get_distillation_box
+from torchdistill.datasets.util import build_data_loader
+from torchdistill.models.registry import get_model
 
 
 def load_model(model_config, device):

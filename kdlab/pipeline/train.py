@@ -293,7 +293,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         if not ckpt.best_model_path:
             raise TrainingError(f"stage {spec.name!r}: no validation accuracy was recorded "
                                 f"(is the validation split empty?)")
-        best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint"))
+        best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint", error=StoreError))
+        trainer.strategy.barrier("kdlab-best-read")  # DDP: every rank has read it before rank 0 drops work/
         curve = list(module.val_curve)
         if curve and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1:
             test_best = test_last  # the best epoch is the last one: same weights, no second test pass
