@@ -61,6 +61,31 @@ def validate_run_settings(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"pipeline.teacher_checkpoint {str(ckpt)!r} does not exist or is not a file")
 
 
+def validate_taps(stage: StageSpec, specs: list[StageSpec]) -> None:
+    """Feature points a strategy records (FEED's taps) must exist in the models, before anything trains."""
+    from kdlab.distill import STRATEGIES
+    from kdlab.models import build_model, resolve_point
+
+    s_taps, t_taps = STRATEGIES.get(str(stage.distill.get("strategy", "kd"))).taps(stage.distill)
+    if not (s_taps or t_taps):
+        return
+    by_name = {s.name: s for s in specs}
+
+    def probe(spec: StageSpec):  # the feature points do not depend on the data's shape or class count
+        m = spec.model
+        return build_model(m["arch"], num_classes=10, in_channels=3, input_size=32,
+                           on_the_fly=bool(m.get("on_the_fly")), on_the_fly_n=m.get("on_the_fly_n"),
+                           on_the_fly_mode=m.get("on_the_fly_mode", "row"), **dict(m.get("kwargs") or {}))
+
+    student = probe(stage)
+    for tap in s_taps:
+        resolve_point(student, tap)
+    for src in {by_name[n].model["arch"]: by_name[n] for n in stage.sources}.values():
+        model = probe(src)
+        for tap in t_taps:
+            resolve_point(model, tap)
+
+
 def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
     """Checks that need the stage list: model names, epochs, learning rates, strategies, stochastic settings."""
     validate_run_settings(cfg)
@@ -77,6 +102,8 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
             _positive(n, f"on_the_fly_n (stage {s.name})", integer=True)
         if s.sources:
             validate_distill(s.distill)
+        if s.sources:
+            validate_taps(s, specs)
         if s.stochastic:
             st = s.stochastic
             SourceSelector(s.sources, mode=st.get("mode", "none"), p=st.get("p", 0.75), k=st.get("k", 1),
