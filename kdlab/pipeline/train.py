@@ -70,6 +70,11 @@ def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) 
         "optimizer": spec.optimizer, "scheduler": spec.scheduler, "max_epochs": spec.max_epochs,
         "seed": spec.seed, "trainer": trainer,
     }
+    tcfg = cfg.get("trainer") or {}
+    if str(tcfg.get("strategy") or "").startswith("ddp"):  # the global batch grows with the world size
+        devices = tcfg.get("devices", 1)
+        world = int(devices) if str(devices).isdigit() else str(devices)
+        desc["world_size"] = [world, int(tcfg.get("num_nodes") or 1)]
     if spec.checkpoint:
         desc = {"model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
                 "input_size": dm.image_size, "data": dm.fingerprint(),
