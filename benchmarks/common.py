@@ -49,7 +49,8 @@ class Options:
     chain: list[str] = field(default_factory=lambda: list(CHAIN))
     peer_epochs: int | None = None  # None: the kd_fashion_mnist recipe's (8, the CPU preset)
     peer_mode: str = "torchdistill"  # torchdistill | classic
-    memory_full: bool = False  # measure the real `make run` (10 epochs) instead of its 1-epoch variant
+    memory_full: bool = False  # measure the real `make run` instead of its 1-epoch variant
+    threads: int | None = None  # torch/OpenMP threads of every process (None: torch's default, one per core)
 
     @classmethod
     def make(cls, quick: bool = False, **kw: Any) -> Options:
@@ -84,13 +85,26 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--peer-epochs", type=int, default=None)
     ap.add_argument("--peer-mode", choices=["torchdistill", "classic"], default=None)
     ap.add_argument("--memory-full", action="store_true", default=None,
-                    help="measure the real `make run` (10 epochs per stage; many minutes)")
+                    help="measure the real `make run` (all its epochs; many minutes)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch/OpenMP threads in every benchmark process (default: torch's, one per core); "
+                    "1 keeps ratios meaningful on a machine shared with other jobs")
 
 
 def options_from(a: argparse.Namespace) -> Options:
     return Options.make(quick=a.quick, workdir=a.workdir, subset=a.subset, epochs=a.epochs,
                         repeats=a.repeats, chain=a.chain.split(",") if a.chain else None, peer_epochs=a.peer_epochs, peer_mode=a.peer_mode,
-                        memory_full=a.memory_full)
+                        memory_full=a.memory_full, threads=a.threads)
+
+
+def set_threads(n: int | None) -> None:
+    """``--threads``: for this process and (through the environment) every process it starts."""
+    if n is None:
+        return
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
 
 
 def quiet() -> None:
@@ -327,6 +341,7 @@ def cli(run, description: str) -> None:
     a = ap.parse_args()
     quiet()
     o = options_from(a)
+    set_threads(o.threads)
     o.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = run(o)

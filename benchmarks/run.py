@@ -126,6 +126,7 @@ def main() -> None:
     a = ap.parse_args()
     common.quiet()
     o = common.options_from(a)
+    common.set_threads(o.threads)
     o.workdir.mkdir(parents=True, exist_ok=True)
     names = [n for n in (a.only.split(",") if a.only else BENCHES) if n and n not in a.skip.split(",")]
     unknown = sorted(set(names) - set(BENCHES))
