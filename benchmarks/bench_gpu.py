@@ -45,11 +45,11 @@ def run(o: Options) -> dict[str, Any]:
         return {"name": "gpu", "figures": [figure("g_none", "5. GPU: resnet32x4 -> resnet8x4 KD epoch", None, "",
                                                   None, None, "no GPU on this machine: not measured")],
                 "details": {"gpu": None}}
-    n_train = 2000 if dry else 50000
+    n_train = 256 if dry else 50000
     teacher, student = "resnet32x4", "resnet8x4"
     base = [f"paths.output_dir={o.workdir / 'runs'}", f"paths.store_dir={o.workdir / 'store-gpu'}",
             "preset=none", "data=synthetic", "data.num_classes=100", "data.channels=3", "data.image_size=32",
-            f"data.n_train={n_train}", "data.n_test=1000", "data.augment=crop_flip", "data.batch_size=128",
+            f"data.n_train={n_train}", f"data.n_test={128 if dry else 1000}", "data.augment=crop_flip", "data.batch_size=128",
             "logger=csv", "callbacks.progress=none", "pipeline=direct", f"pipeline.chain=[{teacher},{student}]",
             "distill=kd", "distill.cache=off", "trainer.max_epochs=1",
             "trainer.accelerator=" + ("cpu" if dry else "gpu")]
