@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import string
 import subprocess
 import sys
@@ -122,28 +123,40 @@ def run(o: Options) -> dict[str, Any]:
         peer = {**_last_json(proc.stdout), "wall_seconds": round(wall, 2),
                 "framework": "classic PyTorch KD loop (DataLoader + PIL) -- fallback, not torchdistill"}
 
-    # -- kdlab, as a user runs it ---------------------------------------------------------------------
-    wall, proc = _run([sys.executable, "-m", "kdlab", *kd_overrides], env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"kdlab job failed: {proc.stderr.strip()[-800:]}")
-    res = json.loads((job / "kdlab" / "run" / "results.json").read_text())
-    kd = {"wall_seconds": round(wall, 2), "test_acc": res["final"]["test_acc"], "val_acc": res["final"]["val_acc"],
-          "teacher_test_acc": res["stages"][0]["test_acc"], "train_seconds": res["stages"][-1]["train_seconds"]}
+    # -- kdlab, as a user runs it (default precision: auto), and at torchdistill's fp32 when auto differs -----
+    from kdlab.pipeline.train import resolve_precision
 
-    r = ratio(kd["wall_seconds"], peer["wall_seconds"])
-    gap = None if peer.get("test_acc") is None else round(abs(kd["test_acc"] - peer["test_acc"]) * 100, 2)
+    auto = str(resolve_precision(plain["trainer"].get("precision", "auto"),
+                                 torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    runs = {"default": []} if auto == "32-true" else {"default": [], "fp32": ["trainer.precision=32-true"]}
+    kd: dict[str, dict[str, Any]] = {}
+    for label, extra in runs.items():
+        shutil.rmtree(job / "kdlab", ignore_errors=True)
+        wall, proc = _run([sys.executable, "-m", "kdlab", *kd_overrides, *extra], env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"kdlab job failed: {proc.stderr.strip()[-800:]}")
+        res = json.loads((job / "kdlab" / "run" / "results.json").read_text())
+        kd[label] = {"wall_seconds": round(wall, 2), "test_acc": res["final"]["test_acc"],
+                     "val_acc": res["final"]["val_acc"], "teacher_test_acc": res["stages"][0]["test_acc"],
+                     "train_seconds": res["stages"][-1]["train_seconds"],
+                     "precision": auto if label == "default" else "32-true"}
+
     name = peer["framework"].split(" --")[0]
-    figs = [
-        figure("d_peer_time", f"d. peer: kdlab / {name} wall time, KD {t_arch} -> {s_arch}, {E} epochs", r, "x",
-               "<= 0.5",
-               check(r, "<=", 0.5), f"kdlab {kd['wall_seconds']} s vs {peer['wall_seconds']} s" +
-               (f"; {peer_note}" if peer_note else "")),
-        figure("d_peer_acc", f"d. peer: test accuracy gap |kdlab - {name}|", gap, "points", "<= 1",
-               check(gap, "<=", 1.0), f"kdlab {kd['test_acc']:.4f} vs {peer['test_acc']:.4f} "
-               f"(teacher {kd['teacher_test_acc']:.4f})"),
-    ]
-    import shutil
-
+    figs = []
+    for label, k in kd.items():
+        r = ratio(k["wall_seconds"], peer["wall_seconds"])
+        gap = None if peer.get("test_acc") is None else round(abs(k["test_acc"] - peer["test_acc"]) * 100, 2)
+        how = (f"kdlab at its default precision (auto: {auto} here), {name} at fp32" if label == "default"
+               else "both at fp32")
+        suffix = "" if label == "default" else "_fp32"
+        figs.append(figure(f"d_peer_time{suffix}", f"d. peer: kdlab / {name} wall time, KD {t_arch} -> {s_arch}, "
+                           f"{E} epochs{'' if label == 'default' else ', both fp32'}", r, "x", "<= 0.5",
+                           check(r, "<=", 0.5), f"kdlab {k['wall_seconds']} s vs {peer['wall_seconds']} s; {how}"
+                           + (f"; {peer_note}" if peer_note else "")))
+        figs.append(figure(f"d_peer_acc{suffix}", f"d. peer: test accuracy gap |kdlab - {name}|"
+                           f"{'' if label == 'default' else ', both fp32'}", gap, "points", "<= 1",
+                           check(gap, "<=", 1.0), f"kdlab {k['test_acc']:.4f} vs {peer['test_acc']:.4f} "
+                           f"(teacher {k['teacher_test_acc']:.4f}); {how}"))
     shutil.rmtree(job, ignore_errors=True)
     return {"name": "peer", "figures": figs,
             "details": {"kdlab": kd, "peer": peer, "peer_env": peer_env, "note": peer_note, "epochs": E,

@@ -177,12 +177,15 @@ class BatchTimer:
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.skip:
+            _sync(pl_module)
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._t0 is not None and batch_idx >= self.skip:
             self.samples += int(batch[1].shape[0])
             self.batches += 1
+            if batch_idx >= trainer.num_training_batches - 1:  # a GPU's queue drains before the clock stops
+                _sync(pl_module)
             self._t1 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -193,6 +196,13 @@ class BatchTimer:
     @property
     def rate(self) -> float | None:
         return self.samples / self.seconds if self.seconds > 0 else None
+
+
+def _sync(module) -> None:
+    import torch
+
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
 
 
 @dataclass

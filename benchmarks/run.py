@@ -31,7 +31,7 @@ BENCHES = ["hotpath", "data", "stages", "knobs", "peer", "memory", "gpu"]
 WHAT = {"hotpath": "2. no wasted work (profile)", "data": "b. data path", "stages": "a/c/f. student stages",
         "knobs": "3. speed knobs", "peer": "d. peer (torchdistill)", "memory": "e. memory",
         "gpu": "5. GPU (only where there is one)"}
-DOCS = HERE.parent / "docs" / "performance.md"
+DOCS = [HERE.parent / "docs" / "performance.md", HERE.parent / "README.md"]  # updated with --docs
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -121,8 +121,8 @@ def main() -> None:
                     help="JSON report (default benchmarks/results/bench.json; bench-quick.json with --quick)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per benchmark")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    ap.add_argument("--docs", action="store_true", help=f"also put the table into {DOCS.relative_to(HERE.parent)} "
-                    f"(between its {BEGIN} / {END} lines)")
+    ap.add_argument("--docs", action="store_true", help="also put the table into docs/performance.md and "
+                    f"README.md (between their {BEGIN} / {END} lines)")
     a = ap.parse_args()
     common.quiet()
     o = common.options_from(a)
@@ -155,10 +155,11 @@ def main() -> None:
     tmp.replace(out)
     out.with_suffix(".md").write_text(markdown(report))
     if a.docs:
-        text = DOCS.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            DOCS.write_text(head + BEGIN + "\n" + markdown(report) + END + rest.split(END, 1)[1])
+        for doc in DOCS:
+            text = doc.read_text() if doc.exists() else ""
+            if BEGIN in text and END in text:
+                head, rest = text.split(BEGIN, 1)
+                doc.write_text(head + BEGIN + "\n" + markdown(report) + END + rest.split(END, 1)[1])
     print(table(results))
     print(f"\n{report['seconds']:.0f} s; machine: {report['machine']['cpu']} ({report['machine']['cores']} cores), "
           f"load {report['loadavg'][0]} -> {report['loadavg'][1]}; JSON: {out}")

@@ -92,12 +92,24 @@ def trainer_kwargs(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
 
 
 def resolve_precision(precision: Any, device: torch.device) -> Any:
-    """``auto``: bf16-mixed on a GPU that supports bf16 (measured fastest there), else fp32 (CPU)."""
+    """``auto``: bf16-mixed on a GPU that supports bf16, fp32 elsewhere (CPU: see benchmarks/bench_knobs.py)."""
     if str(precision) != "auto":
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
+    # On CPUs bf16-mixed measured no faster than fp32 here (benchmarks/results/bench.md: 1.05x with four live
+    # sources, 0.997x alone, on an AMX Xeon under load), so fp32 stays the CPU default.
     return "32-true"
+
+
+def autocast_dtype(ctx: RunContext, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the stage's Trainer uses (None for fp32): the cache is computed the same way."""
+    precision = str(resolve_precision((ctx.cfg.get("trainer") or {}).get("precision", "auto"), device))
+    if precision in ("bf16", "bf16-mixed") or (precision in ("16", "16-mixed") and device.type == "cpu"):
+        return torch.bfloat16  # Lightning runs 16-mixed as bf16-mixed on a CPU
+    if precision in ("16", "16-mixed"):
+        return torch.float16
+    return None
 
 
 # -- source-output cache -----------------------------------------------------------------------------
@@ -124,19 +136,23 @@ def compute_device(ctx: RunContext) -> torch.device:
 
 def source_outputs_cache(ctx: RunContext, record: StageRecord, model: nn.Module, taps: list[str]
                          ) -> dict[str, Any]:
-    """Logits (and tapped features) of a frozen source for the training split, computed once, fp16."""
-    data_key = hashlib.sha256(canonical_json({"data": ctx.dm.fingerprint(), "taps": sorted(taps)}).encode()
-                              ).hexdigest()[:16]
+    """Logits (and tapped features) of a frozen source for the training split, computed once, fp16.
+
+    Computed under the same autocast as the live sources of the stage's training steps (bf16-mixed: bf16),
+    so that cached and live outputs agree; the autocast dtype is part of the cache's key."""
+    device = compute_device(ctx)
+    dtype = autocast_dtype(ctx, device)
+    ident = {"data": ctx.dm.fingerprint(), "taps": sorted(taps), **({"autocast": str(dtype)} if dtype else {})}
+    data_key = hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
     cached = ctx.store.load_cache(record.key, data_key)
     if cached is not None:
         return cached
     from kdlab.models import FeatureTaps
 
-    device = compute_device(ctx)
     model = model.to(device).eval()
     hooks = FeatureTaps(model, taps) if taps else None
     logits, feats = [], {t: [] for t in taps}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         for x, _, _ in ctx.dm.train_eval_dataloader():
             logits.append(model(x.to(device)).half().cpu())
             for t in taps:
