@@ -31,7 +31,7 @@ BENCHES = ["hotpath", "data", "stages", "knobs", "peer", "memory", "gpu"]
 WHAT = {"hotpath": "2. no wasted work (profile)", "data": "b. data path", "stages": "a/c/f. student stages",
         "knobs": "3. speed knobs", "peer": "d. peer (torchdistill)", "memory": "e. memory",
         "gpu": "5. GPU (only where there is one)"}
-DOCS = [HERE.parent / "docs" / "performance.md", HERE.parent / "README.md"]  # updated with --docs
+DOCS = [HERE.parent / "README.md"]  # its Performance table is rewritten with --docs
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -121,8 +121,8 @@ def main() -> None:
                     help="JSON report (default benchmarks/results/bench.json; bench-quick.json with --quick)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per benchmark")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    ap.add_argument("--docs", action="store_true", help="also put the table into docs/performance.md and "
-                    f"README.md (between their {BEGIN} / {END} lines)")
+    ap.add_argument("--docs", action="store_true", help="also put the table into README.md "
+                    f"(between its {BEGIN} / {END} lines)")
     a = ap.parse_args()
     common.quiet()
     o = common.options_from(a)

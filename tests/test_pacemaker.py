@@ -243,7 +243,7 @@ def test_baselines_share_the_teacher_and_the_student():
     single = composed("pipeline=single", "distill=none", "model=resnet8", "model.on_the_fly=true")
     (spec,) = build_stages(single)
     assert spec.sources == [] and spec.model == students[2].model
-    # the CPU recipe's sizing (stated in docs/methods.md)
+    # the CPU recipe's sizing (stated in the README, "CPU recipes and measured results")
     assert pm["data"]["subset"] == 6000 and pm["trainer"]["max_epochs"] == 4 and pm["data"]["augment"] == "none"
 
 
