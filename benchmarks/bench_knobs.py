@@ -1,8 +1,9 @@
 """Speed knobs (issue item 3): ``trainer.precision`` (32-true / bf16-mixed / 16-mixed),
 ``speed.channels_last`` and ``speed.compile``, measured on this machine's accelerator (the CPU here).
 
-Each variant trains the DGKD student stage twice, one epoch each: with its 4 sources live (where a pipeline's
-time goes when the cache is off: source forwards) and alone from labels (student forward + backward only).
+Each variant trains the DGKD student stage twice: with its 4 sources live (where a pipeline's time goes when
+the cache is off: source forwards; ``--live-epochs``) and alone from labels (student forward + backward
+only; ``--epochs``).
 channels_last and compile are measured on top of the default precision (``auto``); 32-true is measured
 first and again last, to show how much the machine drifted in between. The figure is steady-state training
 samples/s (BatchTimer); stage wall time (which also contains torch.compile's compilation) is beside it. The
@@ -44,7 +45,8 @@ def run(o: Options) -> dict[str, Any]:
                 out[name][kind] = {"error": "skipped with --quick" if o.quick else "measured alone only"}
                 continue
             try:
-                r = common.student_stage(o, k, False if k else None, 1, extra=ov, name="knob-" + name.split()[0])
+                r = common.student_stage(o, k, False if k else None, o.live_epochs if k else o.epochs, extra=ov,
+                                         name="knob-" + name.split()[0])
                 out[name][kind] = {key: r[key] for key in ("samples_per_second", "stage_seconds", "fit_seconds",
                                                            "test_acc")}
             except Exception as e:  # noqa: BLE001 - a knob this machine does not support: record why

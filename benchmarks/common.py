@@ -44,7 +44,8 @@ class Options:
     workdir: Path = ROOT / ".bench"  # git-ignored: the fixture store, run dirs, peer data
     subset: int | None = None  # training images before the 10% validation split; None: make run's (5,000)
     test_subset: int = 2000  # test images (each stage is tested twice; the figure does not depend on it)
-    epochs: int = 2  # epochs of each timed student stage
+    epochs: int = 20  # epochs of a timed student stage without live sources (cached, alone): ~10 s quiet
+    live_epochs: int = 3  # epochs of a timed stage whose sources run live (~7x slower per epoch): ~10 s quiet
     repeats: int = 2  # interleaved repeats where two sides are compared
     chain: list[str] = field(default_factory=lambda: list(CHAIN))
     peer_epochs: int | None = None  # None: the kd_fashion_mnist recipe's (8, the CPU preset)
@@ -56,7 +57,7 @@ class Options:
     def make(cls, quick: bool = False, **kw: Any) -> Options:
         o = cls(quick=quick)
         if quick:  # a 3-model chain (2 sources), a few hundred images, one epoch, no repeats
-            o.subset, o.test_subset, o.epochs, o.repeats, o.peer_epochs = 400, 200, 1, 1, 1
+            o.subset, o.test_subset, o.epochs, o.live_epochs, o.repeats, o.peer_epochs = 400, 200, 1, 1, 1, 1
             o.chain = ["plain6", "plain4", "plain2"]
         for k, v in kw.items():
             if v is not None:
@@ -78,7 +79,8 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--subset", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of cached / alone stages (default 20)")
+    ap.add_argument("--live-epochs", type=int, default=None, help="epochs of stages with live sources (default 3)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--chain", default=None, help="comma-separated DGKD chain, largest first; the last is the "
                     "student (default plain10,plain8,plain6,plain4,plain2)")
@@ -92,7 +94,7 @@ def add_options(ap: argparse.ArgumentParser) -> None:
 
 
 def options_from(a: argparse.Namespace) -> Options:
-    return Options.make(quick=a.quick, workdir=a.workdir, subset=a.subset, epochs=a.epochs,
+    return Options.make(quick=a.quick, workdir=a.workdir, subset=a.subset, epochs=a.epochs, live_epochs=a.live_epochs,
                         repeats=a.repeats, chain=a.chain.split(",") if a.chain else None, peer_epochs=a.peer_epochs, peer_mode=a.peer_mode,
                         memory_full=a.memory_full, threads=a.threads)
 

@@ -108,3 +108,17 @@ def test_supervised_module_learns():
     trainer.fit(mod, datamodule=dm)
     assert len(mod.val_curve) == 3
     assert max(mod.val_curve) > 0.5  # 10 classes: chance is 0.1
+
+
+def test_auto_precision_is_the_measured_fastest_per_accelerator(monkeypatch):
+    """auto: bf16-mixed where bf16 runs in hardware (CUDA with bf16, AMX/AVX512-BF16 CPUs), fp32 elsewhere."""
+    from kdlab.pipeline import train
+
+    assert train.resolve_precision("32-true", torch.device("cpu")) == "32-true"  # explicit wins
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16-mixed"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "32-true"
+    probes = (torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported())
+    monkeypatch.undo()
+    assert train.cpu_has_native_bf16() == any(probes)

@@ -1,0 +1,276 @@
+"""Run a results study: ``python -m kdlab.study [NAME] [--docs] [-- OVERRIDE ...]``.
+
+A study (``conf/study/<NAME>.yaml``) is a list of sweeps, each a Hydra multirun of kdlab's own command over
+some experiments and seeds, grouped into parts (one results table each):
+
+    python -m kdlab -m +experiment=A,B seed=0,1,2 [the sweep's overrides] [the study's] [yours]
+
+The sweeps run one after the other (stages shared between them come from the store), then
+``kdlab.compare`` turns each part's runs into tables: ``<out>/<part>/comparison.{csv,html,md}`` and PNGs,
+plus ``<out>/results.md`` (all parts) and ``<out>/study.json`` (commands, exit codes, wall times).
+``--docs`` writes them to ``docs/results/`` and puts ``results.md`` into the README between the
+``<!-- results:begin -->`` and ``<!-- results:end -->`` markers. Exit status 1 when a sweep failed
+(the tables then show what finished), 2 for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from kdlab import compare
+from kdlab.errors import ConfigError, KdlabError
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY_DIR = ROOT / "conf" / "study"
+EXPERIMENT_DIR = ROOT / "conf" / "experiment"
+DOCS_OUT = ROOT / "docs" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def known_studies() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+
+
+def load_study(name: str) -> dict:
+    """The study's config, checked: every sweep names known experiments and a part."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else STUDY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown study {name!r}; known: {', '.join(known_studies()) or '(none)'}")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(cfg, dict) or not cfg.get("sweeps"):
+        raise ConfigError(f"study {path} has no 'sweeps' list")
+    known = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+    parts = cfg.setdefault("parts", {})
+    for i, sw in enumerate(cfg["sweeps"]):
+        if not isinstance(sw, dict) or not sw.get("experiments") or not sw.get("part"):
+            raise ConfigError(f"study {name}: sweep {i} needs 'part' and a non-empty 'experiments' list")
+        for e in sw["experiments"]:
+            if e not in known:
+                raise ConfigError(f"study {name}: unknown experiment {e!r}; known: {', '.join(known)}")
+        parts.setdefault(sw["part"], {"title": sw["part"]})
+    cfg.setdefault("seeds", [0, 1, 2])
+    cfg.setdefault("overrides", [])
+    cfg.setdefault("by", "experiment")
+    cfg.setdefault("last_k", 3)
+    return cfg
+
+
+def sweep_args(study: dict, sweep: dict, seeds: Sequence[int], extra: Sequence[str]) -> list[str]:
+    """kdlab's own multirun arguments for one sweep (without the output directory)."""
+    return ["-m", "+experiment=" + ",".join(sweep["experiments"]), "seed=" + ",".join(map(str, seeds)),
+            *sweep.get("overrides", []), *study["overrides"], *extra]
+
+
+def command_line(args: Sequence[str]) -> str:
+    return "python -m kdlab " + " ".join(shlex.quote(a) for a in args)
+
+
+def experiment_command(study: dict, sweep: dict, experiment: str, seeds: Sequence[int],
+                       extra: Sequence[str]) -> str:
+    """The command that reproduces one experiment's row on its own."""
+    one = {**sweep, "experiments": [experiment]}
+    return command_line(sweep_args(study, one, seeds, extra))
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: str = "") -> str:
+    """One part's results table: the student (best-on-val and last epoch), every source stage, the command."""
+    sources = [n for n in compare.all_stage_names(rows) if n not in {r["student_stage"] for r in rows}]
+    head = ["experiment", "n", "student best-on-val %", "student last epoch %", "range (pp)",
+            *[f"{s} %" for s in sources], "wall / run", "command"]
+    lines = [f"#### {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        exp = str(r["fields"].get("experiment"))
+        cells = [exp, str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
+                 compare.pct_pm(r["student_test_acc_mean"], r["student_test_acc_std"]),
+                 compare.pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"]),
+                 compare.pct(r["student_test_acc_range"]),
+                 *[compare.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
+                   for s in sources],
+                 compare.fmt_seconds(r["wall_seconds_mean"]), f"`{commands.get(exp, '-')}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(block: str, readme: Path = README) -> None:
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise ConfigError(f"{readme} has no {BEGIN} ... {END} markers to write the results between")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{block}{END}{tail}", encoding="utf-8")
+    tmp.replace(readme)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def run_sweep(args: list[str], sweep_dir: Path, log: Path) -> tuple[int, float]:
+    """One multirun in a subprocess; its output goes to the terminal and to ``log``."""
+    cmd = [sys.executable, "-m", "kdlab", *args, f"hydra.sweep.dir={sweep_dir}"]
+    t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            sys.stdout.write("    " + line)
+            sys.stdout.flush()
+        rc = proc.wait()
+    return rc, time.perf_counter() - t0
+
+
+def tables(study: dict, record: dict, out: Path, plots: bool) -> str:
+    """compare each part's sweeps into ``out/<part>/`` and return the markdown of all parts."""
+    by = [f.strip() for f in str(study["by"]).split(",")]
+    blocks = []
+    for part, meta in study["parts"].items():
+        dirs = [Path(s["dir"]) for s in record["sweeps"] if s["part"] == part and Path(s["dir"]).exists()]
+        if not dirs:
+            continue
+        skipped: list = []
+        try:
+            runs = compare.load_runs(dirs, skipped)
+        except ConfigError as e:
+            compare.warn(f"{part}: {e}")
+            continue
+        rows = compare.aggregate(runs, by, int(study["last_k"]))
+        order = [e for s in study["sweeps"] if s["part"] == part for e in s["experiments"]]
+        rows.sort(key=lambda r: order.index(r["fields"].get("experiment"))
+                  if r["fields"].get("experiment") in order else len(order))
+        written = compare.write_outputs(rows, runs, by, out / part, plots=plots, skipped=skipped,
+                                        sources=[str(d) for d in dirs])
+        commands = {e: c for s in record["sweeps"] if s["part"] == part for e, c in s["commands"].items()}
+        md = part_markdown(meta.get("title", part), rows, commands, meta.get("note", ""))
+        (out / part / "comparison.md").write_text(md, encoding="utf-8")
+        print("wrote " + ", ".join(str(w) for w in [*written, out / part / "comparison.md"]))
+        blocks.append(md)
+    return "\n".join(blocks)
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run(a: argparse.Namespace) -> int:
+    study = load_study(a.name)
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [int(s) for s in study["seeds"]]
+    except ValueError as e:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from e
+    parts = list(study["parts"])
+    only = [p.strip() for p in a.only.split(",")] if a.only else parts
+    for p in only:
+        if p not in parts:
+            raise ConfigError(f"--only names unknown part {p!r}; parts of study {a.name}: {', '.join(parts)}")
+    extra = list(a.overrides)
+    sweeps = [s for s in study["sweeps"] if s["part"] in only]
+    stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    root = Path(a.root) if a.root else ROOT / "outputs" / "study" / Path(a.name).stem / stamp
+    out = DOCS_OUT if a.docs else Path(a.out) if a.out else root / "results"
+
+    record = {"study": a.name, "seeds": seeds, "overrides": extra, "root": str(root), "machine": machine(),
+              "started": datetime.now().isoformat(timespec="seconds"), "sweeps": []}
+    for i, sw in enumerate(sweeps):
+        args = sweep_args(study, sw, seeds, extra)
+        record["sweeps"].append({
+            "part": sw["part"], "experiments": sw["experiments"], "command": command_line(args),
+            "commands": {e: experiment_command(study, sw, e, seeds, extra) for e in sw["experiments"]},
+            "dir": str(root / f"{i + 1:02d}-{sw['part']}"), "args": args})
+    n_jobs = len(seeds) * sum(len(s["experiments"]) for s in sweeps)
+    print(f"study {a.name}: {len(sweeps)} sweeps, {n_jobs} pipeline runs, seeds {seeds}; runs under {root}")
+    if a.dry_run:
+        for s in record["sweeps"]:
+            print(s["command"])
+        return 0
+
+    t0 = time.perf_counter()
+    failed = 0
+    for i, s in enumerate(record["sweeps"]):
+        print(f"[{i + 1}/{len(sweeps)}] {s['part']}: {s['command']}", flush=True)
+        rc, secs = run_sweep(s["args"], Path(s["dir"]), Path(s["dir"] + ".log"))
+        s.update(exit_code=rc, seconds=round(secs, 1))
+        failed += rc != 0
+        print(f"[{i + 1}/{len(sweeps)}] {s['part']}: exit {rc} after {compare.fmt_seconds(secs)} "
+              f"(total {compare.fmt_seconds(time.perf_counter() - t0)})", flush=True)
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = tables(study, record, out, plots=not a.no_plots)
+    header = (f"Measured by `python -m kdlab.study {a.name}"
+              + (f" --seeds {','.join(map(str, seeds))}" if a.seeds else "")
+              + (" -- " + " ".join(shlex.quote(x) for x in extra) if extra else "")
+              + f"` in {compare.fmt_seconds(record['seconds'])} on {record['machine']['cpu']} "
+              f"({record['machine']['cores']} cores, GPU: {record['machine']['gpu'] or 'none'}, "
+              f"1-min load {record['machine']['loadavg_start'][0]} at start); "
+              f"{datetime.now():%Y-%m-%d}. Test accuracy on the full test split; the best-on-val checkpoint is "
+              "chosen on the held-out validation split.\n\n")
+    (out / "results.md").write_text(header + md, encoding="utf-8")
+    (out / "study.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out / 'results.md'}, {out / 'study.json'}")
+    if a.docs:
+        update_readme(header + md)
+        print(f"updated {README} between {BEGIN} and {END}")
+    print(f"study {a.name}: {len(sweeps) - failed}/{len(sweeps)} sweeps succeeded in "
+          f"{compare.fmt_seconds(record['seconds'])}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kdlab.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("name", nargs="?", default="fashion_mnist", help="a study in conf/study/ (default fashion_mnist) or the path of a study .yaml")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's, 0,1,2)")
+    p.add_argument("--only", default=None, help="comma-separated parts to run (default: all)")
+    p.add_argument("--root", default=None, help="where the sweeps' runs go (default outputs/study/NAME/DATE/TIME)")
+    p.add_argument("--out", default=None, help="where the tables go (default ROOT/results)")
+    p.add_argument("--docs", action="store_true", help="write the tables to docs/results/ and into the README")
+    p.add_argument("--dry-run", action="store_true", help="print the sweep commands and stop")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.epilog = "After --: kdlab overrides added to every sweep, e.g. -- trainer.max_epochs=1"
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    try:
+        a = build_parser().parse_args(argv[:cut])
+    except SystemExit as e:
+        return int(e.code or 0)
+    a.overrides = argv[cut + 1:]
+    try:
+        return run(a)
+    except KdlabError as e:
+        print(f"kdlab.study: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kdlab.study: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
