@@ -1,10 +1,10 @@
-# kdlab: make install | run | test | test-slow | bench | lint
+# kdlab: make install | run | test | test-slow | bench | study | lint
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow test-all bench lint clean
+.PHONY: install run test test-slow test-all bench study lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/run.py $(ARGS)
+
+study: install
+	$(PY) -m kdlab.study fashion_mnist --docs $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check kdlab tests benchmarks
