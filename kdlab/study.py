@@ -166,16 +166,28 @@ def tables(study: dict, record: dict, out: Path, plots: bool) -> str:
     return "\n".join(blocks)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.tables_only:
+        return tables_only(a)
     study = load_study(a.name)
     try:
         seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [int(s) for s in study["seeds"]]
@@ -218,26 +230,46 @@ def run(a: argparse.Namespace) -> int:
               f"(total {compare.fmt_seconds(time.perf_counter() - t0)})", flush=True)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     record["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    (root / "study.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    publish(study, record, out, a)
+    print(f"study {a.name}: {len(sweeps) - failed}/{len(sweeps)} sweeps succeeded in "
+          f"{compare.fmt_seconds(record['seconds'])}")
+    return 1 if failed else 0
 
+
+def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None:
+    """The tables of a finished study (``record``) into ``out``, and with --docs into the README."""
     out.mkdir(parents=True, exist_ok=True)
     md = tables(study, record, out, plots=not a.no_plots)
-    header = (f"Measured by `python -m kdlab.study {a.name}"
-              + (f" --seeds {','.join(map(str, seeds))}" if a.seeds else "")
+    seeds, extra, m = record["seeds"], record["overrides"], record["machine"]
+    header = (f"Measured by `python -m kdlab.study {record['study']}"
+              + (f" --seeds {','.join(map(str, seeds))}" if seeds != study["seeds"] else "")
               + (" -- " + " ".join(shlex.quote(x) for x in extra) if extra else "")
-              + f"` in {compare.fmt_seconds(record['seconds'])} on {record['machine']['cpu']} "
-              f"({record['machine']['cores']} cores, GPU: {record['machine']['gpu'] or 'none'}, "
-              f"1-min load {record['machine']['loadavg_start'][0]} at start); "
-              f"{datetime.now():%Y-%m-%d}. Test accuracy on the full test split; the best-on-val checkpoint is "
-              "chosen on the held-out validation split.\n\n")
+              + f"` in {compare.fmt_seconds(record['seconds'])} on {m['cpu']} "
+              f"({m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}, 1-min load "
+              f"{m['loadavg_start'][0]} at start), {record['started'][:10]}. Student test accuracy on each "
+              "recipe's test split, mean ± sample std over the seeds; "
+              "best-on-val = the epoch chosen on the held-out validation split, never on test.\n\n")
     (out / "results.md").write_text(header + md, encoding="utf-8")
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out / 'results.md'}, {out / 'study.json'}")
     if a.docs:
         update_readme(header + md)
         print(f"updated {README} between {BEGIN} and {END}")
-    print(f"study {a.name}: {len(sweeps) - failed}/{len(sweeps)} sweeps succeeded in "
-          f"{compare.fmt_seconds(record['seconds'])}")
-    return 1 if failed else 0
+
+
+def tables_only(a: argparse.Namespace) -> int:
+    """--tables-only: rebuild the tables of a finished study from its run directories (no training)."""
+    if not a.root:
+        raise ConfigError("--tables-only needs --root, the directory of a finished study run")
+    path = Path(a.root) / "study.json"
+    if not path.is_file():
+        raise ConfigError(f"--root {a.root} holds no study.json (not a finished study run)")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    study = load_study(a.name)
+    out = DOCS_OUT if a.docs else Path(a.out) if a.out else Path(a.root) / "results"
+    publish(study, record, out, a)
+    return 1 if any(s.get("exit_code") for s in record["sweeps"]) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where the tables go (default ROOT/results)")
     p.add_argument("--docs", action="store_true", help="write the tables to docs/results/ and into the README")
     p.add_argument("--dry-run", action="store_true", help="print the sweep commands and stop")
+    p.add_argument("--tables-only", action="store_true",
+                   help="rebuild the tables of the finished study under --root from its run directories")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.epilog = "After --: kdlab overrides added to every sweep, e.g. -- trainer.max_epochs=1"
     return p

@@ -92,3 +92,8 @@ def test_small_study_end_to_end_with_a_failing_sweep(tmp_path):
     accs = [json.loads(p.read_text())["stages"][-1]["test_acc"] for p in results]
     assert len(accs) == 2 and f"{100 * sum(accs) / 2:.2f} ±" in cells[2]
     assert (out / "chain" / "comparison.html").is_file() and not (out / "broken").exists()
+    # --tables-only rebuilds the same tables from the run directories, training nothing
+    r = run_study(str(spec), "--tables-only", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "again"),
+                  "--no-plots")
+    assert r.returncode == 1 and "training" not in r.stdout, r.stdout + r.stderr  # 1: a sweep had failed
+    assert (tmp_path / "again" / "results.md").read_text() == md
