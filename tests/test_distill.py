@@ -164,3 +164,22 @@ def test_selection_is_seeded_and_reproducible():
 def test_selector_rejects_bad_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SourceSelector(NAMES, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean_legacy"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_stacked_kd_sum_equals_the_sum_of_per_source_kd(reduction, k):
+    """kd_loss_sum (one stacked pass, used by DGKD and multi-teacher KD) is the sum of Hinton terms, and its
+    gradient is the same."""
+    from kdlab.distill.losses import kd_loss, kd_loss_sum
+
+    g = torch.Generator().manual_seed(k)
+    s1 = torch.randn(16, 10, generator=g, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    ts = [torch.randn(16, 10, generator=g) * 3 for _ in range(k)]
+    ref = sum(kd_loss(s1, t, 4.0, reduction) for t in ts)
+    got = kd_loss_sum(s2, ts, 4.0, reduction)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-7)

@@ -7,11 +7,10 @@ sources that teach the batch.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from kdlab.distill.base import STRATEGIES, LossTerms, Strategy
-from kdlab.distill.losses import kd_loss
+from kdlab.distill.losses import kd_loss_sum
 
 
 @STRATEGIES.register("kd")
@@ -22,8 +21,8 @@ class HintonKD(Strategy):
         lam = self.lam_at(progress)
         ce = F.cross_entropy(student.logits, y, label_smoothing=float(self.cfg.get("label_smoothing", 0.0)))
         if sources:
-            kd = torch.stack([kd_loss(student.logits, s.logits, self.temperature, self.kl_reduction)
-                              for s in sources.values()]).mean()
+            kd = kd_loss_sum(student.logits, [s.logits for s in sources.values()], self.temperature,
+                             self.kl_reduction) / len(sources)
         else:
             kd = ce.new_zeros(())
         return {"ce": ce, "kd": kd}, {"ce": 1.0 - lam, "kd": lam}
