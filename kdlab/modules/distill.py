@@ -100,7 +100,7 @@ class DistillModule(SupervisedModule):
         feats = dict(self._student_taps.features) if self._student_taps is not None else {}
         names = self.selector.kept(self.global_step) if self.selector is not None else self.bank.names
         outs = self.bank.outputs(names, x, idx)
-        self.log("train/sources_kept", float(len(names)), on_step=False, on_epoch=True, batch_size=y.shape[0])
+        self.accumulate("train/sources_kept", float(len(names)), y.shape[0])
         terms, weights = self.strategy.loss_terms(StudentOutput(logits, feats), outs, y, self.progress())
         return logits, terms, weights
 
