@@ -16,7 +16,8 @@ that each timed segment lasts ~10 s on a quiet 2-core CPU; every comparison is b
     The caches are warm (built by the cold run, which goes first): the steady state of a pipeline after a
     source's first stage, and of every rerun or sweep. The cold stage, which builds all four caches, is
     reported too.
-(f) the same stage with 1, 2, 3, 4 sources (the first k chain models), cached and uncached.
+(f) the same stage with 1, 2, 3, 4 sources (the first k chain models), cached (in rounds with the student
+    alone, best of each) and uncached.
 """
 from __future__ import annotations
 
@@ -97,15 +98,16 @@ def run(o: Options) -> dict[str, Any]:
         add("hand", hand())
         add(f"uncached{K}", common.student_stage(o, K, False, EL))
     cheap = 1 if o.quick else max(3, o.repeats)  # cached / alone stages: more repeats against load noise
+    # alone and the cached stages with 1..K sources in rounds (alone, 1, 2, ..., K, alone, 1, ...): the
+    # machine's drift (a quiet 2-core VM varies by +-15 % over minutes) hits every k alike
     for _ in range(cheap):
         add("alone", common.student_stage(o, 0, None, E))
-        add(f"cached{K}", common.student_stage(o, K, True, E))
+        for k in range(1, K + 1):
+            add(f"cached{k}", common.student_stage(o, k, True, E))
     for _ in range(max(1, cheap - 1)):
         add(f"cached{K}_short", common.student_stage(o, K, True, EL))  # as long as the uncached one
     for k in range(1, K):
         add(f"uncached{k}", common.student_stage(o, k, False, EL))
-        for _ in range(max(1, cheap - 1)):
-            add(f"cached{k}", common.student_stage(o, k, True, E))
 
     # -- figures -------------------------------------------------------------------------------------
     figs = []
