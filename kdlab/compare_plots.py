@@ -42,6 +42,13 @@ def plot_chain(rows: list[dict], order: list[str]) -> bytes:
     return _png(fig)
 
 
+def tick_label(row: dict) -> str:
+    """A group's axis label: the value alone when the runs are grouped by one field (``dgkd``, not
+    ``method=dgkd``)."""
+    fields = row.get("fields") or {}
+    return str(next(iter(fields.values()))) if len(fields) == 1 else str(row["group"])
+
+
 def plot_student(rows: list[dict]) -> bytes:
     """Student test accuracy per group: best-on-val and last epoch, error bars = sample std."""
     fig = Figure(figsize=(max(6.0, 0.9 * len(rows) + 3), 4.2))
@@ -59,7 +66,9 @@ def plot_student(rows: list[dict]) -> bytes:
     if lows:  # zoom in on the differences instead of starting the bars at 0
         ax.set_ylim(max(0.0, min(lows) * 100 - 5), min(100.0, max(
             (r["student_test_acc_max"] or 0) for r in rows) * 100 + 3))
-    ax.set_xticks(range(len(rows)), [f"{r['group']}\n(n={r['n']})" for r in rows], fontsize=8)
+    labels = [f"{tick_label(r)}\n(n={r['n']})" for r in rows]
+    long = max((len(t) for t in labels), default=0) > 90 / max(len(rows), 1)  # would overlap its neighbours
+    ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=20 if long else 0, ha="right" if long else "center")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title("Student accuracy per group (mean ± std)")
     ax.grid(axis="y", alpha=0.3)
