@@ -1,18 +1,34 @@
-# kdlab: make install | run | test | test-slow | bench | study | lint
+# kdlab: make install | install-unpinned | lock | run | test | test-slow | bench | study | lint
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: install run test test-slow test-all bench study lint clean
+.PHONY: install install-unpinned lock run test test-slow test-all bench study lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The exact versions in requirements.lock (pip constraints): a fresh clone gets what produced the README.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -c $(LOCK)
 	touch $(STAMP)
+
+# The newest versions the registry serves, ignoring the lock (then `make lock` to pin them).
+install-unpinned:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	touch $(STAMP)
+
+# Rewrites requirements.lock from the current .venv (keeps its leading comment lines).
+lock:
+	test -x $(PY)
+	{ sed -n '/^#/!q;p' $(LOCK) 2>/dev/null; \
+	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(pip|setuptools|wheel|kdlab)=='; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 run: install
 	$(PY) -m kdlab $(ARGS)

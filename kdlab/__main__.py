@@ -5,8 +5,9 @@
     python -m kdlab -m +experiment=dgkd_fashion_mnist seed=0,1,2 distill.temperature=2,4
 
 Exit status: 0 success, 2 bad configuration or input (one line on stderr), 1 runtime failure (missing
-data, NaN loss, I/O), 1 for a sweep in which any job failed. Tracebacks only with ``debug=true`` or
-HYDRA_FULL_ERROR=1.
+data, NaN loss, I/O), 1 for a sweep in which any job failed, 128 + the signal number when stopped by
+SIGTERM (143) or SIGINT (130): one line naming the signal and the stage; the finished stages stay in the
+store and rerunning the same command resumes. Tracebacks only with ``debug=true`` or HYDRA_FULL_ERROR=1.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")  # on_nan=rollback skips a batch
     warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # DDP: metrics sync
     for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
-                 "lightning.pytorch.utilities.rank_zero", "lightning_fabric"):
+                 "lightning.pytorch.utilities.rank_zero", "lightning_fabric",
+                 "pytorch_lightning.trainer.connectors.signal_connector"):  # kdlab names the SIGTERM itself
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -161,11 +163,16 @@ def preflight(argv: list[str]) -> None:
 
 def main() -> None:
     _quiet_libraries()
-    from kdlab.hydra_app import hydra_entry, register_configs
+    from kdlab.errors import Interrupted, interrupt_handlers
+    from kdlab.hydra_app import hydra_entry, register_configs, report_interrupt
 
-    register_configs()
-    preflight(sys.argv[1:])
-    hydra_entry()
+    with interrupt_handlers():  # SIGTERM / SIGINT anywhere: one line and 128 + signum, never a traceback
+        try:
+            register_configs()
+            preflight(sys.argv[1:])
+            hydra_entry()
+        except Interrupted as e:
+            report_interrupt(e)
     sys.exit(STATE["exit"])
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdlab.distill import SCHEDULES, STRATEGIES, SourceSelector
-from kdlab.distill.losses import KL_REDUCTIONS
+from kdlab.distill import SourceSelector
+from kdlab.distill.base import strategy_class
 from kdlab.errors import ConfigError, unknown_name
 from kdlab.models import MODELS
 from kdlab.pipeline.spec import StageSpec, build_stages
@@ -22,27 +22,8 @@ def _positive(value: Any, name: str, integer: bool = False) -> None:
 
 
 def validate_distill(d: dict[str, Any], where: str = "distill") -> None:
-    STRATEGIES.get(str(d.get("strategy", "kd")))
-    t = d.get("temperature", 4.0)
-    try:
-        t_ok = float(t) > 0
-    except (TypeError, ValueError):
-        t_ok = False
-    if not t_ok:
-        raise ConfigError(f"{where}.temperature must be > 0, got {t!r}")
-    for key in ("lam", "lam_end"):
-        v = d.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0):
-            raise ConfigError(f"{where}.{key} (lambda) must be in [0, 1], got {v!r}")
-    SCHEDULES.get(str(d.get("lam_schedule", "constant")))
-    if str(d.get("kl_reduction", "batchmean")) not in KL_REDUCTIONS:
-        raise ConfigError(f"unknown {where}.kl_reduction {d.get('kl_reduction')!r}; known: "
-                          f"{', '.join(KL_REDUCTIONS)}")
-    if str(d.get("ce_weight", "code")) not in ("paper", "code"):
-        raise ConfigError(f"unknown {where}.ce_weight {d.get('ce_weight')!r}; known: code, paper")
-    ls = d.get("label_smoothing", 0.0)
-    if not 0.0 <= float(ls) < 1.0:
-        raise ConfigError(f"{where}.label_smoothing must be in [0, 1), got {ls!r}")
+    """The strategy named by ``d`` checks its own keys (kdlab/distill/<name>.py)."""
+    strategy_class(d).check(d, where)
 
 
 ON_NAN = ("stop", "rollback")
@@ -105,10 +86,7 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
         if s.sources:
             validate_taps(s, specs)
         if s.stochastic:
-            st = s.stochastic
-            SourceSelector(s.sources, mode=st.get("mode", "none"), p=st.get("p", 0.75), k=st.get("k", 1),
-                           include_teacher=st.get("include_teacher", True), min_keep=st.get("min_keep", 0),
-                           stage=s.name)
+            SourceSelector(s.sources, **s.stochastic, stage=s.name)
 
 
 def validate_config(cfg: dict[str, Any]) -> list[StageSpec]:

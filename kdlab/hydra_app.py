@@ -15,8 +15,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kdlab.errors import Interrupted
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-STATE: dict[str, Any] = {"exit": 0, "multirun": False}
+STATE: dict[str, Any] = {"exit": 0, "multirun": False, "sweep": None}  # sweep: (dir, since) once it runs
 log = logging.getLogger("kdlab")
 
 
@@ -24,6 +26,30 @@ def report(message: str, code: int) -> None:
     """The one line a user sees for a failure."""
     print(f"kdlab: error: {message}", file=sys.stderr, flush=True)
     STATE["exit"] = max(STATE["exit"], code)
+
+
+def report_interrupt(e: Interrupted) -> int:
+    """A run (or sweep) stopped by SIGTERM / SIGINT: in a sweep its summary so far, then the last line of
+    stderr naming the signal and the stage; returns the exit status, 128 + the signal number."""
+    if not e.where and STATE.get("sweep") is not None:
+        e.where = "during the sweep"  # e.g. between jobs, or waiting for joblib workers
+    if STATE.get("sweep") is not None and _rank_zero():  # this process runs the sweep: its jobs so far
+        sweep_dir, since = STATE["sweep"]
+        STATE["sweep"] = None
+        try:
+            SweepStatus.summarize(sweep_dir, since)
+        except Exception as err:  # noqa: BLE001 - only a summary; the interruption is what to report
+            log.debug("no sweep summary: %s", err)
+    if _rank_zero():  # DDP: every rank gets the signal (Lightning passes rank 0's on); one line, from rank 0
+        print(f"kdlab: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
+    STATE["exit"] = e.exit_code
+    return e.exit_code
+
+
+def _rank_zero() -> bool:
+    if "kdlab.store" in sys.modules:  # torch is loaded: the process group, else the environment
+        return bool(sys.modules["kdlab.store"].is_rank_zero())
+    return all(os.environ.get(var, "0").strip() in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def register_configs() -> None:
@@ -37,8 +63,9 @@ def register_configs() -> None:
 
 
 class SweepStatus(Callback):
-    """After a multirun: a summary (one line, plus one per failed job with its error) and exit status 1 if
-    any job failed.
+    """After a multirun: a summary (one line, plus one per failed or interrupted job with its error) and exit
+    status 1 if any job failed or was interrupted (a sweep stopped by a signal in this process exits with
+    128 + the signal number instead, see :func:`report_interrupt`).
 
     It reads the jobs' results.json, so it works the same whichever launcher ran the jobs (in this process,
     joblib workers, submitit/SLURM). A job counts if it wrote its results.json or its ``.hydra/`` during
@@ -53,6 +80,7 @@ class SweepStatus(Callback):
         import time
 
         self.started = time.time() - 1.0  # mtime granularity
+        STATE["sweep"] = (Path(str(config.hydra.sweep.dir)), self.started)
 
     @staticmethod
     def job_statuses(sweep_dir: Path, since: float = 0.0) -> dict[Path, tuple[str, str | None]]:
@@ -81,17 +109,24 @@ class SweepStatus(Callback):
         return dict(sorted(jobs.items(), key=lambda kv: [(0, int(p), "") if p.isdigit() else (1, 0, p)
                                                           for p in kv[0].relative_to(sweep_dir).parts]))
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = self.job_statuses(sweep_dir, self.started)
+    @classmethod
+    def summarize(cls, sweep_dir: Path, since: float = 0.0) -> dict[Path, tuple[str, str | None]]:
+        """Print the summary of a sweep's jobs; returns those not completed."""
+        jobs = cls.job_statuses(sweep_dir, since)
         failed = {d: err for d, (status, err) in jobs.items() if status != "completed"}
+        interrupted = sum(jobs[d][0] == "interrupted" for d in failed)
         names = ", ".join(str(d.relative_to(sweep_dir)) for d in failed)
         print(f"kdlab: sweep {sweep_dir}: {len(jobs)} job(s), {len(jobs) - len(failed)} completed, "
-              f"{len(failed)} failed" + (f" ({names})" if failed else ""), file=sys.stderr, flush=True)
+              f"{len(failed) - interrupted} failed" + (f", {interrupted} interrupted" if interrupted else "")
+              + (f" ({names})" if failed else ""), file=sys.stderr, flush=True)
         for d, err in failed.items():
             first = (str(err).strip().splitlines() or ["-"])[0] if err else "no error recorded"
             print(f"kdlab:   job {d.relative_to(sweep_dir)} {jobs[d][0]}: {first}", file=sys.stderr, flush=True)
-        if failed:
+        return failed
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        STATE["sweep"] = None
+        if self.summarize(Path(str(config.hydra.sweep.dir)), self.started):
             STATE["exit"] = 1  # whatever failed inside (config or runtime), the sweep as a whole exits 1
 
 
@@ -111,6 +146,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     job = f"job {hc.job.num}: " if multirun else ""
     try:
         results = run_pipeline(cfg, run_dir, list(hc.overrides.task))
+    except Interrupted as e:  # SIGTERM / SIGINT: never the next job; __main__ reports it (128 + signum)
+        if multirun:
+            e.where = f"{e.where or 'before the first stage'} of job {hc.job.num}"
+        raise
     except KdlabError as e:
         if debug:
             traceback.print_exc()

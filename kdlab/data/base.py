@@ -226,12 +226,14 @@ class TensorDataModule(KdDataModule):
             h.update(memoryview(a).cast("B"))
 
     def _loader(self, images, labels, batch_size, train: bool, shard: bool = True) -> TensorLoader:
+        """Training shards are padded to equal sizes (DDP steps together); evaluation shards are not, so
+        that val/test metrics (summed across ranks by torchmetrics) count every sample exactly once."""
         self.setup()
         rank, world = self._dist() if shard else (0, 1)
         return TensorLoader(
             images, labels, batch_size, self.normalizer,
             augment=self.augment if train else "none", pad=self.pad, shuffle=train, seed=self.seed,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, even_shards=train,
         )
 
     def train_dataloader(self) -> TensorLoader:

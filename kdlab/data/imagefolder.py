@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdlab.data.base import DATASETS, KdDataModule
 from kdlab.data.datasets import _root
-from kdlab.data.loader import EpochSampler
+from kdlab.data.loader import EpochSampler, EvalShardSampler
 from kdlab.data.splits import take_subset, train_val_split
 from kdlab.errors import DataError
 
@@ -127,7 +127,7 @@ class ImageFolderDataModule(KdDataModule):
                 ops.append(T.RandomHorizontalFlip())
         return T.Compose([*ops, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
-    def _loader(self, samples, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, samples, batch_size: int, train: bool, shard: bool = True) -> DataLoader:
         self.setup()
         workers = self.cfg["num_workers"]
         if workers is None:
@@ -135,10 +135,17 @@ class ImageFolderDataModule(KdDataModule):
         mode = "RGB" if self.in_channels == 3 else "L"
         ds = IndexedImages(samples, self._transform(train), mode)
         g = torch.Generator().manual_seed(self.seed)  # seeds the workers' augmentation RNGs
+        if train:
+            sampler = EpochSampler(len(ds), shuffle=True, seed=self.seed)  # Lightning shards it, padded
+        elif shard and self._dist()[1] > 1:
+            # unpadded, so that val/test count every sample once; Lightning keeps a DistributedSampler
+            sampler = EvalShardSampler(len(ds), *self._dist())
+        else:
+            sampler = None
         return DataLoader(
             ds,
             batch_size=batch_size,
-            sampler=EpochSampler(len(ds), shuffle=True, seed=self.seed) if train else None,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -156,7 +163,7 @@ class ImageFolderDataModule(KdDataModule):
         return self._loader(self.test_samples, self.batch_size_eval, train=False)
 
     def train_eval_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, self.batch_size_eval, train=False)
+        return self._loader(self.train_samples, self.batch_size_eval, train=False, shard=False)
 
     @property
     def train_size(self) -> int:

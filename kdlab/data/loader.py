@@ -13,8 +13,10 @@ import math
 from collections.abc import Iterator
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from kdlab.data.augment import Normalizer, check_augment, crop_flip, random_crop_flip_params
+from kdlab.errors import DataError
 
 
 def derive_seed(*parts: object) -> int:
@@ -27,14 +29,26 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     """Indices 0..n-1, shuffled per epoch from (seed, epoch), optionally one shard of a distributed run.
 
     Each ``iter()`` uses the current epoch and then advances it; ``set_epoch`` overrides it.
-    Sharding follows DistributedSampler: the order is padded (by wrapping) to a multiple of world_size
-    and rank r takes every world_size-th index starting at r.
+    Rank r takes every world_size-th index of the order, starting at r. With ``pad`` (training) the order is
+    first padded by wrapping to a multiple of world_size, as DistributedSampler does, so that every rank has
+    the same number of samples (and of steps, which DDP's gradient sync needs); up to world_size - 1 samples
+    then appear twice. Without it (evaluation) the shards are disjoint, their union is every sample exactly
+    once, and their sizes differ by at most one.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pad: bool = True):
         super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if not pad and world_size > n:
+            # an empty shard would leave its rank out of the evaluation's collective metric sync (a hang)
+            raise DataError(
+                f"cannot shard {n} evaluation sample(s) over {world_size} processes without repeating some; "
+                "every process needs at least one (use a larger split or fewer devices)"
+            )
         self.n, self.shuffle, self.seed = n, shuffle, int(seed)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pad = rank, world_size, bool(pad)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -48,7 +62,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             idx = torch.arange(self.n)
         if self.world_size > 1:
             total = math.ceil(self.n / self.world_size) * self.world_size
-            if total > self.n:
+            if self.pad and total > self.n:
                 idx = torch.cat([idx, idx[: total - self.n]])
             idx = idx[self.rank :: self.world_size]
         return idx
@@ -59,17 +73,43 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return epoch, self.order(epoch)
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
+        if self.pad:
+            return math.ceil(self.n / self.world_size)
+        return len(range(self.rank, self.n, self.world_size))
 
     def __iter__(self) -> Iterator[int]:
         # a generator, so the epoch is taken at the first next() (after Lightning's set_epoch)
         yield from self.next_order()[1].tolist()
 
 
+class EvalShardSampler(DistributedSampler):
+    """Rank ``rank``'s evaluation shard of 0..n-1, in order and unpadded (``EpochSampler(pad=False)``).
+
+    For torch DataLoaders under Lightning: with ``use_distributed_sampler`` (the default) Lightning replaces
+    a SequentialSampler by a padding DistributedSampler and wraps any other sampler in a padding
+    DistributedSamplerWrapper, but it keeps a DistributedSampler as it is; hence the base class.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+        self._shard = EpochSampler(n, shuffle=False, rank=rank, world_size=world_size, pad=False)
+        self.num_samples, self.total_size = len(self._shard), n
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._shard.order(0).tolist())
+
+
 class TensorLoader:
     """Batches (x float32 normalized NCHW, y int64, idx int64) of an in-memory uint8 image tensor.
 
     idx is the position of the sample in ``images`` (its index within the split). drop_last is False.
+    ``even_shards`` (training) pads the order so that every rank of a distributed run gets as many samples
+    (and batches) as the others; without it (evaluation) each sample is in exactly one rank's shard and the
+    shards' sizes differ by at most one (see EpochSampler). Lightning does not wrap this loader (it is not a
+    torch DataLoader), so this sharding is the only one.
     """
 
     def __init__(
@@ -85,6 +125,7 @@ class TensorLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        even_shards: bool = True,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -96,7 +137,7 @@ class TensorLoader:
         self.augment = check_augment(augment)
         self.pad = int(pad)
         self.seed = int(seed)
-        self.sampler = EpochSampler(len(images), shuffle, seed, rank, world_size)
+        self.sampler = EpochSampler(len(images), shuffle, seed, rank, world_size, pad=even_shards)
         # Lightning inspects these like a DataLoader's; there is no batch sampler
         self.batch_sampler = None
 

@@ -9,9 +9,11 @@ sources that teach the batch.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 
-from kdlab.distill.base import STRATEGIES, LossTerms, Strategy
+from kdlab.distill.base import SHARED_OPTIONS, STRATEGIES, LossTerms, Strategy
 from kdlab.distill.losses import kd_loss_sum
 from kdlab.errors import ConfigError
 
@@ -21,12 +23,17 @@ CE_WEIGHTS = ("paper", "code")
 @STRATEGIES.register("dgkd")
 class DenselyGuidedKD(Strategy):
     name = "dgkd"
+    options: ClassVar[dict] = {**SHARED_OPTIONS, "ce_weight": "code"}
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.ce_weight = str(cfg.get("ce_weight", "code"))
-        if self.ce_weight not in CE_WEIGHTS:
-            raise ConfigError(f"unknown distill.ce_weight {self.ce_weight!r}; known: {', '.join(CE_WEIGHTS)}")
+
+    @classmethod
+    def check(cls, cfg, where="distill") -> None:
+        super().check(cfg, where)
+        if str(cfg.get("ce_weight", "code")) not in CE_WEIGHTS:
+            raise ConfigError(f"unknown {where}.ce_weight {cfg.get('ce_weight')!r}; known: {', '.join(CE_WEIGHTS)}")
 
     def loss_terms(self, student, sources, y, progress) -> LossTerms:
         lam = self.lam_at(progress)

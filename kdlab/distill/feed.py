@@ -12,11 +12,13 @@ the student and are dropped when the student is exported.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.distill.base import STRATEGIES, LossTerms, Strategy
+from kdlab.distill.base import SHARED_OPTIONS, STRATEGIES, LossTerms, Strategy
 from kdlab.distill.losses import feature_l1, kd_loss
 from kdlab.errors import ConfigError
 
@@ -43,6 +45,10 @@ def match_spatial(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @STRATEGIES.register("feed")
 class FEED(Strategy):
     name = "feed"
+    options: ClassVar[dict] = {**SHARED_OPTIONS,
+               "feed": {"beta": 500.0, "reduce": "sum", "student_tap": "prepool", "source_tap": "prepool",
+                        "logit_kd": False}}
+    LOGIT_KD_KEYS = ("temperature", "lam", "lam_schedule", "lam_end", "lam_milestones", "kl_reduction")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -52,10 +58,6 @@ class FEED(Strategy):
         self.logit_kd = bool(feed.get("logit_kd", False))
         self.student_tap = str(feed.get("student_tap", "prepool"))
         self.source_tap = str(feed.get("source_tap", "prepool"))
-        if self.reduce not in REDUCTIONS:
-            raise ConfigError(f"unknown distill.feed.reduce {self.reduce!r}; known: {', '.join(REDUCTIONS)}")
-        if self.beta < 0:
-            raise ConfigError(f"distill.feed.beta must be >= 0, got {self.beta}")
         s_shape = ctx.student_feature_shapes.get(self.student_tap)
         self.translators = nn.ModuleDict()
         self._target_sizes: dict[str, tuple[int, int]] = {}
@@ -66,6 +68,28 @@ class FEED(Strategy):
                                   f"{self.source_tap!r} (source {name!r}); got {s_shape} and {t_shape}")
             self.translators[name] = Translator(s_shape[0], t_shape[0])
             self._target_sizes[name] = (t_shape[1], t_shape[2])
+
+    @classmethod
+    def own_config(cls, cfg):
+        """Without ``feed.logit_kd`` the temperature and lambda are never read, so they are not hashed."""
+        out = super().own_config(cfg)
+        if not out["feed"]["logit_kd"]:
+            for key in cls.LOGIT_KD_KEYS:
+                out.pop(key)
+        return out
+
+    @classmethod
+    def check(cls, cfg, where="distill") -> None:
+        super().check(cfg, where)
+        feed = {**cls.options["feed"], **dict(cfg.get("feed") or {})}
+        if str(feed["reduce"]) not in REDUCTIONS:
+            raise ConfigError(f"unknown {where}.feed.reduce {feed['reduce']!r}; known: {', '.join(REDUCTIONS)}")
+        try:
+            beta_ok = float(feed["beta"]) >= 0
+        except (TypeError, ValueError):
+            beta_ok = False
+        if not beta_ok:
+            raise ConfigError(f"{where}.feed.beta must be >= 0, got {feed['beta']!r}")
 
     @classmethod
     def taps(cls, cfg) -> tuple[list[str], list[str]]:

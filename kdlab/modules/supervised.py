@@ -79,8 +79,17 @@ class SupervisedModule(pl.LightningModule):
         if self.on_nan == "rollback":  # the state at the epoch's start is the last checkpointed one
             self._good_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
 
+    def on_train_start(self) -> None:
+        total = self.trainer.estimated_stepping_batches  # max_epochs x batches per epoch / accumulation
+        self._total_steps = int(total) if total != float("inf") else None
+
     def progress(self) -> float:
-        return self.current_epoch / max(self.max_epochs_total, 1)
+        """Training progress in [0, 1], per optimizer step: 0 at the first step and exactly 1 at the last, so
+        that a lambda schedule reaches ``lam_end``. ``global_step`` is restored on resume, and so is this."""
+        total = getattr(self, "_total_steps", None)
+        if not total:  # no Trainer (unit use) or an open-ended run: by epoch
+            return self.current_epoch / max(self.max_epochs_total, 1)
+        return min(self.global_step / max(total - 1, 1), 1.0)
 
     # -- training -----------------------------------------------------------------------------------
     def compute_terms(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
@@ -94,8 +103,10 @@ class SupervisedModule(pl.LightningModule):
         x = self._input(x)
         logits, terms, weights = self.compute_terms(x, y, idx)
         loss = sum(weights[name] * value for name, value in terms.items() if weights[name] != 0.0)
-        if not isinstance(loss, torch.Tensor):  # every weight is zero
-            loss = logits.sum() * 0.0
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            # every weight is zero, or every weighted term is a constant (e.g. no source taught the batch
+            # under lambda = 1): a zero with a graph, so that backward() and the optimizer step still run
+            loss = logits.sum() * 0.0 + (loss.detach() if isinstance(loss, torch.Tensor) else 0.0)
         if not self._check_finite(loss, batch_idx):
             return None  # rolled back: Lightning skips this batch's backward and optimizer step
         bs = y.shape[0]

@@ -14,7 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 import kdlab
 from kdlab.config import validate_stages
 from kdlab.data import build_datamodule
-from kdlab.errors import KdlabError, warn
+from kdlab.environment import describe_environment
+from kdlab.errors import (
+    KdlabError,
+    install_interrupt_handlers,
+    interruption,
+    restore_interrupt_handlers,
+    warn,
+)
 from kdlab.models import build_model
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import (
@@ -49,6 +56,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def new_results(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return {
         "schema": RESULTS_SCHEMA, "kdlab_version": kdlab.__version__,
+        "environment": describe_environment(),
         "experiment": cfg.get("experiment_name") or "default", "method": cfg.get("method"),
         "dataset": (cfg.get("data") or {}).get("name"), "seed": cfg.get("seed"), "overrides": overrides,
         "status": "running", "stages": [], "final": None, "wall_seconds": None,
@@ -74,6 +82,25 @@ def warn_if_growing(specs: list[StageSpec], dm: Any) -> None:
                      f"params) teaches the larger {s.name} ({s.arch}, {sizes[s.name]} params)")
 
 
+def run_summary(cfg: dict[str, Any], dm: Any, specs: list[StageSpec]) -> str:
+    """One line at the start of every run: the resolved data size, preset, epochs and learning rates."""
+    preset = cfg.get("preset_name")
+    if preset and not str(preset).startswith(str(dm.name)):
+        warn(f"preset {preset} is sized for another data set than data={dm.name}; preset=none uses the "
+             f"data set's own defaults")
+
+    def per_stage(values: dict[str, Any]) -> str:
+        distinct = set(map(str, values.values()))
+        return str(next(iter(values.values()))) if len(distinct) == 1 else \
+            ", ".join(f"{k} {v}" for k, v in values.items())
+
+    epochs = per_stage({s.name: s.max_epochs for s in specs})
+    lrs = per_stage({s.name: s.optimizer.get("lr") for s in specs})
+    return (f"data {dm.name}: {dm.train_size:,} train / {dm.val_size:,} val / {dm.test_size:,} test images "
+            f"(preset {preset or 'none'}), batch {dm.batch_size}; {len(specs)} stage(s) "
+            f"({', '.join(s.name for s in specs)}): epochs {epochs}, lr {lrs}")
+
+
 def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict[str, Any]) -> dict[str, Any]:
     meta = record.meta
     out = {"name": spec.name, "role": spec.role, "arch": spec.arch, "sources": spec.sources,
@@ -86,7 +113,8 @@ def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict
 
 def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: list[str] | None = None
                  ) -> dict[str, Any]:
-    """Run every stage of the configured pipeline; always leaves a results.json (completed or failed)."""
+    """Run every stage of the configured pipeline; always leaves a results.json (completed, failed or
+    interrupted: SIGTERM / SIGINT raise :class:`kdlab.errors.Interrupted` while it runs)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +122,8 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     results_path = run_dir / "results.json"
     t0 = time.perf_counter()
     sync = RankSync()  # DDP: rank 0 decides, looks up and writes; the other ranks follow (kdlab/store.py)
+    where = "before the first stage"  # named by a SIGTERM / SIGINT (Interrupted) and in results.json
+    handlers = install_interrupt_handlers()  # SIGTERM / SIGINT raise Interrupted (this process only)
     try:
         specs = build_stages(plain)
         validate_stages(specs, plain)
@@ -106,12 +136,15 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
         dm.setup("fit")
         results["dataset"] = getattr(dm, "name", results["dataset"])
         if sync.leader:
+            log.info("%s", run_summary(plain, dm, specs))
+        if sync.leader:
             warn_if_growing(specs, dm)
         ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
                          dataset=str(results["dataset"]), group=run_group(plain, run_dir))
         check_stages(specs, ctx)  # every config error surfaces before the first stage is trained
         done: dict[str, tuple[StageSpec, StageRecord]] = {}
         for spec in specs:
+            where = f"during stage {spec.name}"
             sources = {name: done[name] for name in spec.sources}
             description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
             key = stage_key(description)
@@ -141,6 +174,14 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                             "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"]}
         results["status"] = "completed"
     except BaseException as e:  # record every failure, then let the caller report it
+        stop = interruption(e)  # SIGTERM / SIGINT: finished stages stay committed, the rerun resumes
+        if stop is not None:
+            stop.where = stop.where or where
+            results["status"] = "interrupted"
+            results["error"] = str(stop)
+            if stop is e:
+                raise
+            raise stop from e
         results["status"] = "failed"
         results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
             type(e).__name__
@@ -154,6 +195,8 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                 atomic_write_json(results_path, results)
         except OSError as write_error:
             log.error("cannot write %s: %s", results_path, write_error)
+        finally:
+            restore_interrupt_handlers(handlers)
     return results
 
 

@@ -5,9 +5,12 @@
     pipeline.names     optional stage names (default teacher, ta1..taN, student)
     pipeline.roles     optional roles (default teacher / ta / student)
     pipeline.stages    custom graphs: [{name, model, sources: [names], role, distill, ...}]
-    pipeline.ensemble  K: the first chain model as K teachers (seeds seed..seed+K-1) -> the student
-    pipeline.generations G: G generations of the first chain model (seeds seed..seed+G-1; names gen1..genG-1,
-                         student), each taught by the previous one (topology sequential; dense: by all)
+    pipeline.ensemble  K: the first chain model as K teachers -> the student
+    pipeline.generations G: G generations of the first chain model (names gen1..genG-1, student), each taught
+                         by the previous one (topology sequential; dense: by all)
+                       Ensemble teachers and earlier generations get seeds of their own (member_seed), so
+                       no two run seeds share a member and none starts from the student's initial weights;
+                       the student has the run's seed, like the same student trained alone.
     pipeline.per_stage {stage name: {distill: {...}, optimizer: {...}, scheduler: {...}, max_epochs, model,
                         seed_offset, seed}}  overrides for one stage (``seed`` fixes the stage's seed, e.g.
                         one teacher shared by a sweep over seeds: +pipeline.per_stage.teacher.seed=0)
@@ -18,6 +21,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdlab.data.loader import derive_seed
+from kdlab.distill.base import strategy_class
+from kdlab.distill.stochastic import stochastic_config
 from kdlab.errors import ConfigError
 from kdlab.pipeline.topology import TOPOLOGIES
 
@@ -65,6 +71,15 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[st
     return out
 
 
+def member_seed(seed: int, kind: str, k: int) -> int:
+    """The seed of the k-th member (1-based) of an ensemble or a generation chain of run ``seed``.
+
+    ``seed + k`` would make teacher 2 of run 0 teacher 1 of run 1 (shared stages, an understated spread
+    over seeds); a hash of (kind, seed, k) gives every run its own members. Below 2**31, as
+    ``pl.seed_everything`` needs."""
+    return derive_seed("pipeline-member", kind, int(seed), int(k)) % (2**31)
+
+
 def default_names(n: int, topology: str, generations: bool = False) -> list[str]:
     if n == 1:
         return ["student"]
@@ -106,7 +121,7 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
         models = [model_spec(e.get("model")) for e in entries]
         sources = [list(e.get("sources") or []) for e in entries]
         roles = [e.get("role") for e in entries]
-        offsets = [int(e.get("seed_offset", 0)) for e in entries]
+        seeds = [seed + int(e.get("seed_offset", 0)) for e in entries]
         for e in entries:  # per-stage settings may sit inline in a custom stage
             if e.get("name"):
                 per_stage[e["name"]] = deep_merge(per_stage.get(e["name"], {}),
@@ -122,16 +137,16 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
             if int(k) < 1:
                 raise ConfigError(f"pipeline.ensemble must be >= 1 teachers, got {k}")
             chain = [chain[0]] * int(k) + [chain[-1]]
-            offsets = list(range(int(k))) + [0]
+            seeds = [member_seed(seed, "ensemble", i + 1) for i in range(int(k))] + [seed]
         elif g is not None:
             if int(g) < 2:
                 raise ConfigError(f"pipeline.generations must be >= 2, got {g}")
             if not chain:
                 raise ConfigError("pipeline.generations needs pipeline.chain=[arch]")
             chain = [chain[0]] * int(g)
-            offsets = list(range(int(g)))
+            seeds = [member_seed(seed, "generation", i + 1) for i in range(int(g) - 1)] + [seed]
         else:
-            offsets = [0] * len(chain)
+            seeds = [seed] * len(chain)
         n = len(chain)
         if topology == "single":
             if n != 1:
@@ -168,12 +183,13 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
         if sources[i] and (name in stochastic_stages or role in stochastic_stages):
             stage_stochastic = deep_merge(stochastic, (over.get("distill") or {}).get("stochastic"))
             stage_stochastic.pop("stages", None)
-            if stage_stochastic.get("mode", "none") == "none":
-                stage_stochastic = None
+            stage_stochastic = stochastic_config(stage_stochastic, name)  # None for mode none
         stage_distill.pop("stochastic", None)
         stage_distill.pop("cache", None)
-        if not sources[i]:
-            stage_distill = {"strategy": "ce", "label_smoothing": distill.get("label_smoothing", 0.0)}
+        if not sources[i]:  # a stage without sources learns from labels: the registered ``ce`` strategy
+            stage_distill = {**stage_distill, "strategy": "ce"}
+        # the keys its strategy reads and nothing else: what the stage's store key hashes
+        stage_distill = strategy_class(stage_distill).own_config(stage_distill)
         model = deep_merge(models[i], over.get("model"))
         max_epochs = int(over.get("max_epochs", cfg["trainer"].get("max_epochs", 1)))
         specs.append(StageSpec(
@@ -181,7 +197,7 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
             optimizer=deep_merge(dict(cfg["optimizer"]), over.get("optimizer")),
             scheduler=deep_merge(dict(cfg["scheduler"]), over.get("scheduler")),
             max_epochs=max_epochs,
-            seed=int(over["seed"]) if over.get("seed") is not None else seed + offsets[i] + int(over.get("seed_offset", 0)),
+            seed=int(over["seed"]) if over.get("seed") is not None else seeds[i] + int(over.get("seed_offset", 0)),
             stochastic=stage_stochastic,
             checkpoint=(p.get("teacher_checkpoint") if i == 0 and topology != "custom" else None),
         ))

@@ -210,10 +210,7 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
     bank = SourceBank(source_models, t_taps, cache, channels_last=channels_last)
     selector = None
     if spec.stochastic:
-        st = spec.stochastic
-        selector = SourceSelector(list(sources), mode=st.get("mode", "none"), p=st.get("p", 0.75),
-                                  k=st.get("k", 1), include_teacher=st.get("include_teacher", True),
-                                  min_keep=st.get("min_keep", 0), seed=spec.seed, stage=spec.name)
+        selector = SourceSelector(list(sources), **spec.stochastic, seed=spec.seed, stage=spec.name)
     return DistillModule(model, sources=bank, strategy=strategy, selector=selector, **common)
 
 
@@ -288,6 +285,9 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     ``resume``: "auto" looks for ``work/last.ckpt``; a path or None is rank 0's decision in a DDP run.
     """
     pl.seed_everything(spec.seed, workers=True, verbose=False)
+    # the stage's data order and augmentation follow from its own seed (in its key), not the run's: a stage
+    # with a pinned seed trains the same whichever run trains it first
+    ctx.dm.seed = spec.seed
     model = build_stage_model(spec, ctx.dm)
     params = count_params(model)
     module = build_module(spec, model, sources, ctx)
