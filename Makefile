@@ -1,11 +1,11 @@
-# kdlab: make install | install-unpinned | lock | run | test | test-slow | bench | study | lint
+# kdlab: make install | install-unpinned | lock | run | test | test-slow | bench | study | lint | docs
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: install install-unpinned lock run test test-slow test-all bench study lint clean
+.PHONY: install install-unpinned lock run test test-slow test-all bench study lint docs clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ study: install
 
 lint: install
 	$(VENV)/bin/ruff check kdlab tests benchmarks
+
+# The manual (docs/ + mkdocs.yml) into site/; --strict: a broken link, anchor or API reference fails the build.
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf outputs .pytest_cache

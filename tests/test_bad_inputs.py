@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, kdlab_env
+from tests.conftest import ROOT, compose_config, kdlab_env
 
 # Tiny synthetic data: a failing case stops before (or at) the first stage, a running one takes seconds.
 BASE = ["preset=none", "data=synthetic", "data.n_train=256", "data.n_test=64", "data.batch_size=64",
@@ -313,13 +313,9 @@ def test_on_the_fly_without_kxk_convolutions(tmp_path) -> None:
 
     No zoo model lacks k x k convolutions, so a pointwise-only model is registered in this process and the
     pipeline runs in-process (run_pipeline, what the CLI's task function calls)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
     from torch import nn
 
     from kdlab.errors import ConfigError
-    from kdlab.hydra_app import CONF_DIR, register_configs
     from kdlab.models import MODELS, build_model
     from kdlab.pipeline.runner import run_pipeline
 
@@ -337,14 +333,9 @@ def test_on_the_fly_without_kxk_convolutions(tmp_path) -> None:
     with pytest.raises(ConfigError, match="model pointwise_test has no k x k convolution"):
         build_model("pointwise_test", num_classes=10, in_channels=1, on_the_fly=True)
 
-    register_configs()  # model=<zoo name> groups, as the CLI does
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            *BASE, "pipeline=direct", "pipeline.chain=[plain4,{arch: pointwise_test, on_the_fly: true}]",
-            f"paths.output_dir={tmp_path}", "callbacks.progress=none"])
-    GlobalHydra.instance().clear()
+    chain = "pipeline.chain=[plain4,{arch: pointwise_test, on_the_fly: true}]"
+    cfg = compose_config(*BASE, "pipeline=direct", chain, f"paths.output_dir={tmp_path}", "callbacks.progress=none")
     with pytest.raises(ConfigError, match="model pointwise_test has no k x k convolution"):
-        run_pipeline(OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
+        run_pipeline(cfg, tmp_path / "run")
     assert not list(tmp_path.rglob("DONE"))
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"

@@ -8,6 +8,8 @@ about a minute); its config template is rendered and parsed instead.
 from __future__ import annotations
 
 import json
+import math
+import os
 import string
 import sys
 from pathlib import Path
@@ -43,14 +45,42 @@ def _figures(result: dict) -> dict[str, dict]:
     return figs
 
 
+def _rate_matches(rate: float, samples: int, seconds: float) -> bool:
+    """samples/s agrees with samples / seconds, up to the rounding of both (seconds to 1 ms, rate to 0.1)."""
+    return math.isfinite(rate) and abs(rate * seconds - samples) <= rate * 5e-4 + 0.05 * seconds + 1e-6
+
+
 def test_student_stage_benchmarks(bench):
-    _, o = bench
+    common, o = bench
     import bench_stages
 
-    figs = _figures(bench_stages.run(o))
+    result = bench_stages.run(o)
+    figs = _figures(result)
     assert set(figs) == {"a_overhead", "a_overhead_fit", "c_cached_vs_alone", "c_speedup", "c_cold",
                          "f_scaling_cached", "f_scaling_uncached"}
-    assert all(f["value"] is not None and f["value"] > 0 for f in figs.values())
+    for f in figs.values():  # each a ratio of two timings of comparable work: finite, within ~an order of 1
+        assert f["value"] is not None and math.isfinite(f["value"]) and 0.05 < f["value"] < 20, f
+    details = result["details"]
+    runs, K, train = details["runs"], len(details["sources"]), details["train_images"]
+    assert K == len(o.chain) - 1 and train == 270  # 300 images less the 10 % validation split
+    best_rate = {name: max(r["samples_per_second"] for r in rs) for name, rs in runs.items()}
+    assert figs["a_overhead"]["value"] == pytest.approx(best_rate[f"uncached{K}"] / best_rate["hand"], abs=1e-3)
+    bs = int(common.compose(common.base_overrides(o))["data"]["batch_size"])
+    for name, rs in runs.items():
+        for r in rs:
+            epochs = r.get("epochs", details["live_epochs"])  # the hand loop runs live_epochs
+            # the timer skips each epoch's first batch; it counts every other training image once
+            assert r["timed_samples"] == epochs * (train - bs), (name, r)
+            assert _rate_matches(r["samples_per_second"], r["timed_samples"], r["timed_seconds"]), (name, r)
+            if name == "hand":
+                continue
+            assert 0.15 < r["test_acc"] <= 1.0, (name, r)  # learned something in one epoch (chance is 0.1)
+            assert r["fit_seconds"] <= r["stage_seconds"] + 0.01, (name, r)  # the stage contains its fit
+            calls = r["source_forward_calls"]
+            if name.startswith("cached"):  # the caches answer: no source runs
+                assert calls and set(calls.values()) == {0}, (name, r)
+            elif name.startswith("uncached"):  # every source once per training batch
+                assert set(calls.values()) == {epochs * math.ceil(train / bs)}, (name, r)
 
 
 def test_no_wasted_work(bench):
@@ -67,8 +97,18 @@ def test_knobs(bench, monkeypatch):
     import bench_knobs
 
     monkeypatch.setattr(bench_knobs, "VARIANTS", {k: bench_knobs.VARIANTS[k] for k in ("32-true", "bf16-mixed")})
-    figs = _figures(bench_knobs.run(o))
-    assert figs["k_32-true"]["value"] > 0 and figs["k_bf16-mixed"]["value"] > 0
+    result = bench_knobs.run(o)
+    figs = _figures(result)
+    for name in ("32-true", "bf16-mixed"):
+        measured = result["details"]["variants"][name]
+        assert figs[f"k_{name}"]["value"] == measured["live"]["samples_per_second"]  # the figure: live sources
+        for kind in ("live", "alone"):
+            r = measured[kind]
+            assert "error" not in r, (name, kind, r)
+            # one epoch of ~140 timed images: a rate under 10/s would be minutes, not this smoke test's seconds
+            assert math.isfinite(r["samples_per_second"]) and 10 < r["samples_per_second"] < 1e7, (name, kind, r)
+            assert r["fit_seconds"] <= r["stage_seconds"] + 0.01, (name, kind, r)  # the stage contains its fit
+            assert 0.0 <= r["test_acc"] <= 1.0
 
 
 def test_orchestrator_data_benchmark(bench, monkeypatch, tmp_path):
@@ -82,8 +122,17 @@ def test_orchestrator_data_benchmark(bench, monkeypatch, tmp_path):
         bench_run.main()
     assert exit_info.value.code == 0
     report = json.loads(out.read_text())
-    assert report["figures"][0]["key"] == "b_data" and report["figures"][0]["value"] > 0
-    assert report["machine"]["cores"] >= 1
+    assert report["figures"][0]["key"] == "b_data"
+    data = report["benches"]["data"]["details"]
+    for side in ("kdlab", "torchvision"):  # each timed for at least 1 s (--quick)
+        assert data[side]["seconds"] >= 1.0, data
+        assert _rate_matches(data[side]["samples_per_second"], data[side]["samples"], data[side]["seconds"]), data
+    ratio = data["kdlab"]["samples_per_second"] / data["torchvision"]["samples_per_second"]
+    assert report["figures"][0]["value"] == pytest.approx(ratio, abs=1e-3)
+    # in-memory batched augmentation against PIL in 2 workers: ~30x on a quiet 2-core machine, > 2x even loaded
+    assert 2 < report["figures"][0]["value"] < 1e4, data
+    assert data["batches_agree"] is True and data["images"] == 54000
+    assert report["machine"]["cores"] == os.cpu_count()
     assert "b. data path" in out.with_suffix(".md").read_text()
 
 

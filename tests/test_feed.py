@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.config import validate_config
-from kdlab.data import build_datamodule
 from kdlab.distill import SourceOutput, StudentOutput, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.distill.feed import FEED, Translator
@@ -29,8 +28,8 @@ from kdlab.pipeline import build_stages
 from kdlab.pipeline.spec import member_seed
 from kdlab.pipeline.train import _state_from_lightning
 from kdlab.store import load_weights
-from tests.conftest import read_results, run_kdlab, trained
-from tests.test_pacemaker import composed, stage_keys, wiring
+from tests.conftest import compose_config as composed
+from tests.conftest import read_results, run_kdlab, stage_keys, trained, wiring
 
 
 def feed_cfg(**feed) -> dict:
@@ -183,12 +182,8 @@ def test_feed_on_every_zoo_model(name):
 
 
 @pytest.fixture(scope="module")
-def dm():
-    d = build_datamodule({"name": "synthetic", "n_train": 256, "n_test": 64, "augment": "none"}, batch_size=32,
-                         seed=0)
-    d.prepare_data()
-    d.setup("fit")
-    return d
+def dm(synthetic_dm):
+    return synthetic_dm(n_train=256, n_test=64, augment="none", batch_size=32, seed=0)
 
 
 def feed_module(n_teachers=2, **feed):

@@ -13,7 +13,6 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from kdlab.config import validate_config
-from kdlab.data import build_datamodule
 from kdlab.distill import SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.distill.stochastic import stochastic_config
@@ -23,8 +22,8 @@ from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.pipeline import build_stages
 from kdlab.pipeline.train import build_stage_model
 from kdlab.store import load_weights
-from tests.conftest import read_results, run_kdlab, trained
-from tests.test_pacemaker import composed, stage_keys
+from tests.conftest import compose_config as composed
+from tests.conftest import read_results, run_kdlab, stage_keys, trained
 
 
 # -- 1. stochastic teaching always keeps a source ---------------------------------------------------------------
@@ -97,10 +96,9 @@ def test_ensemble_and_generation_seeds_are_disjoint_between_runs():
         assert not (keys[0] & keys[1] or keys[1] & keys[2] or keys[0] & keys[2])
 
 
-def test_feed_student_does_not_start_as_teacher1():
+def test_feed_student_does_not_start_as_teacher1(synthetic_dm):
     cfg = composed("+experiment=feed_parallel_fashion_mnist")
-    dm = build_datamodule({"name": "synthetic", "n_train": 64, "n_test": 16}, batch_size=16)
-    dm.setup()
+    dm = synthetic_dm(n_train=64, n_test=16, batch_size=16)
     specs = {s.name: s for s in build_stages(cfg)}
     initial = {}
     for name in ("teacher1", "student"):  # as train_stage builds them: seeded, then built
@@ -137,9 +135,8 @@ def _trainer(tmp_path, **kw):
                       default_root_dir=str(tmp_path), **kw)
 
 
-def test_schedule_progress_runs_per_step_to_one_and_survives_a_resume(tmp_path):
-    dm = build_datamodule({"name": "synthetic", "n_train": 200, "n_test": 20}, batch_size=32)
-    dm.setup()
+def test_schedule_progress_runs_per_step_to_one_and_survives_a_resume(tmp_path, synthetic_dm):
+    dm = synthetic_dm(n_train=200, n_test=20, batch_size=32)
     steps = 3 * len(dm.train_dataloader())  # 3 epochs of 6 batches (180 training images)
     whole = _recorder(dm)
     _trainer(tmp_path / "whole").fit(whole, datamodule=dm)

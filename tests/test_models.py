@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdlab.errors import ConfigError
@@ -192,6 +194,82 @@ def test_taps_every_model(name, in_ch, size):
     assert all(not m._forward_hooks for m in model.modules() if m is not _pool_module(model))
     shapes = feature_shapes(model, ["prepool"], (in_ch, size, size))
     assert shapes["prepool"] == tuple(entering["x"].shape[1:])
+
+
+# The classifier end and the feature points are written once (ZooModel.add_pooled_head / point_map); stored
+# stages are keyed and loaded (strict) by these names, so they are pinned here per family.
+FAMILY_POINTS = {
+    "resnet8": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)}},
+    "wrn_16_2": {"stem": "conv1", **{f"stage{i}": f"block{i}" for i in (1, 2, 3)}},
+    "shufflev1": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)}},
+    "shufflev2": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)}},
+    "mobilenetv2": {"stem": "conv1", "stage1": "blocks.1", "stage2": "blocks.2", "stage3": "blocks.4",
+                    "stage4": "blocks.6"},
+    "vgg8": {f"stage{i + 1}": f"block{i}" for i in range(5)},
+    "plain2": {"stage1": "features.stage1", "stage2": "features.stage2", "prepool": "features.prepool"},
+    "plain8": {**{f"stage{i}": f"features.stage{i}" for i in (1, 2, 3, 4)}, "prepool": "features.prepool",
+               "embedding": "head"},
+}
+# sha256 (first 16 hex digits) of the state_dict's "key:shape" lines, 10 classes, 3x32x32
+STATE_KEYS = {
+    "resnet8": "23664d4d1c6542d5",
+    "resnet8x4": "688e07bfb6c0f9f5",
+    "wrn_16_2": "42a704a3d21e58ac",
+    "shufflev1": "6a7e4739c4b4b2fc",
+    "shufflev2": "8fa4526bd666737f",
+    "mobilenetv2": "71d62fcad1f4d489",
+    "vgg8": "f13867689caee9b8",
+    "plain2": "c701b7d8e7ccc1aa",
+    "plain8": "c70c9f7e4017e41f",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_POINTS))
+def test_feature_points_pinned(name):
+    expected = {"prepool": "prepool", "embedding": "flatten", "logits": "fc", **FAMILY_POINTS[name]}
+    points = feature_points(build_model(name, 10))
+    assert points == expected
+    # stem, stages in order, then prepool / embedding / logits
+    assert list(points)[-3:] == ["prepool", "embedding", "logits"]
+    stages = [p for p in points if p.startswith("stage")]
+    assert stages == [f"stage{i}" for i in range(1, len(stages) + 1)]
+
+
+@pytest.mark.parametrize("name", sorted(STATE_KEYS))
+def test_state_dict_keys_pinned(name):
+    sd = build_model(name, 10).state_dict()
+    lines = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sd.items())
+    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == STATE_KEYS[name], (
+        "state_dict keys or shapes changed: stored stages of this model would no longer load"
+    )
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_logits_are_the_head_of_prepool(name):
+    """The classifier reads exactly the prepool feature: logits = fc(flatten(global avg pool(prepool))) for
+    the pooled families, fc(head(flatten(prepool))) for the plain CNNs; fc's input width is prepool's."""
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), FeatureTaps(model, ["prepool", "embedding", "logits"]) as taps:
+        out = model(x)
+    f = taps.features["prepool"]
+    assert f.dim() == 4 and feature_shapes(model, "prepool", (3, 32, 32))["prepool"] == tuple(f.shape[1:])
+    with torch.no_grad():
+        if name.startswith("plain"):
+            emb = model.head(f.flatten(1))
+        else:
+            assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and f.shape[1] == model.fc.in_features
+            emb = F.adaptive_avg_pool2d(f, 1).flatten(1)
+        assert torch.equal(taps.features["embedding"], emb)
+        assert torch.equal(out, model.fc(emb)) and torch.equal(taps.features["logits"], out)
+    sd = model.state_dict()
+    assert list(sd)[-2:] == ["fc.weight", "fc.bias"] and sd["fc.weight"].shape == (10, model.fc.in_features)
+    torch.manual_seed(1)
+    twin = build_model(name, 10).eval()
+    twin.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        assert torch.equal(twin(x), out)
 
 
 def test_resnet_stage_shapes_and_dotted_names():

@@ -8,7 +8,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from kdlab.data import build_datamodule
 from kdlab.distill import SourceSelector
 from kdlab.distill.base import StrategyContext, build_strategy
 from kdlab.models import build_model
@@ -16,12 +15,8 @@ from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 
 
 @pytest.fixture(scope="module")
-def dm():
-    d = build_datamodule({"name": "synthetic", "n_train": 320, "n_test": 64, "augment": "none"}, batch_size=32,
-                         seed=0)
-    d.prepare_data()
-    d.setup("fit")
-    return d
+def dm(synthetic_dm):
+    return synthetic_dm(n_train=320, n_test=64, augment="none", batch_size=32, seed=0)
 
 
 def sources(n=3):
@@ -97,9 +92,8 @@ def test_cached_and_live_sources_give_the_same_losses(dm):
     assert live.bank.forward_calls == {n: 1 for n in srcs}
 
 
-def test_supervised_module_learns():
-    dm = build_datamodule({"name": "synthetic", "n_train": 1200, "n_test": 200, "augment": "none"}, batch_size=32,
-                          seed=0)
+def test_supervised_module_learns(synthetic_dm):
+    dm = synthetic_dm(n_train=1200, n_test=200, augment="none", batch_size=32, seed=0)
     torch.manual_seed(0)
     mod = SupervisedModule(build_model("plain4", num_classes=10, in_channels=1, input_size=28), 10,
                            functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), None, max_epochs=3)

@@ -9,8 +9,6 @@ tests/test_models.py.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import statistics
 import subprocess
 import sys
@@ -26,55 +24,9 @@ from kdlab.distill.base import StrategyContext
 from kdlab.errors import ConfigError
 from kdlab.models import build_model, count_params, feature_shapes
 from kdlab.pipeline import build_stages
-from kdlab.pipeline.train import RunContext, stage_description
-from kdlab.store import load_weights, stage_key
-from tests.conftest import ROOT, kdlab_env, read_results, run_kdlab, trained
-
-
-# -- helpers: the composed config of `python -m kdlab <overrides>`, and the store keys of its stages ------------
-def composed(*overrides: str) -> dict:
-    """The resolved config that `python -m kdlab <overrides>` runs (the repo's conf/, preset included)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from kdlab.hydra_app import CONF_DIR, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-class _DataStub:
-    """What stage_description needs from a datamodule; the fingerprint stands for the data config."""
-
-    num_classes, in_channels, image_size = 10, 1, 28
-
-    def __init__(self, data_cfg: dict):
-        self._fp = hashlib.sha256(json.dumps({k: v for k, v in data_cfg.items() if k != "batch_size"},
-                                             sort_keys=True).encode()).hexdigest()[:16]
-
-    def fingerprint(self) -> str:
-        return self._fp
-
-
-def stage_keys(cfg: dict) -> dict[str, str]:
-    """Store key of every stage, computed as the runner does (sources' keys chained in)."""
-    ctx = RunContext(cfg=cfg, run_dir=Path("."), store=None, dm=_DataStub(cfg["data"]), method="m", dataset="d",
-                     group="g")
-    keys: dict[str, str] = {}
-    for spec in build_stages(cfg):
-        keys[spec.name] = stage_key(stage_description(spec, ctx, [keys[s] for s in spec.sources]))
-    return keys
-
-
-def wiring(cfg: dict) -> dict[str, list[str]]:
-    return {s.name: s.sources for s in build_stages(cfg)}
+from kdlab.store import load_weights
+from tests.conftest import ROOT, kdlab_env, read_results, run_kdlab, stage_keys, trained, wiring
+from tests.conftest import compose_config as composed  # the resolved config of `python -m kdlab <overrides>`
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdlab.errors import ConfigError, StoreError
+from kdlab.models import build_model, count_params
 from kdlab.pipeline import TOPOLOGIES, build_stages
 from kdlab.store import StageStore, stage_key
 from tests.conftest import read_results, run_kdlab, trained
@@ -127,10 +128,13 @@ def test_cli_three_stage_pipeline_then_cache_then_student_only(tmp_path):
     assert res["status"] == "completed" and res["method"] == "dgkd" and res["dataset"] == "synthetic"
     assert [s["name"] for s in res["stages"]] == ["teacher", "ta1", "student"]
     assert [s["sources"] for s in res["stages"]] == [[], ["teacher"], ["teacher", "ta1"]]
+    assert [s["arch"] for s in res["stages"]] == ["plain6", "plain4", "plain2"]
     for s in res["stages"]:
         assert not s["cached"]
         assert 0.0 <= s["test_acc"] <= 1.0 and 0.0 <= s["test_acc_last"] <= 1.0 and 0.0 <= s["val_acc"] <= 1.0
-        assert s["epochs"] == 2 and s["best_epoch"] in (0, 1) and s["params"] > 0
+        assert s["epochs"] == 2 and s["best_epoch"] in (0, 1)
+        # the trained model's size: the zoo model for synthetic's 10 classes, 1 channel, 28 x 28
+        assert s["params"] == count_params(build_model(s["arch"], 10, in_channels=1, input_size=28)), s
         assert len(s["val_curve"]) == 2 and s["val_acc"] == pytest.approx(max(s["val_curve"]))
         assert (tmp_path / "run1" / "csv" / s["name"] / "metrics.csv").exists()
     assert res["stages"][0]["params"] > res["stages"][2]["params"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SYNTH, kdlab_env, run_kdlab
+from tests.conftest import ROOT, SYNTH, compose_dictconfig, kdlab_env, run_kdlab
 
 # Seconds per job: 1 epoch on 320 images; the time goes into process start-up, not training.
 TINY = ["+experiment=dgkd_synthetic_test", "data.n_train=320", "data.n_test=100", "trainer.max_epochs=1"]
@@ -334,13 +334,7 @@ def test_optuna_survives_a_failed_trial(tmp_path):
 
 
 def test_optuna_config_composes_with_in_memory_storage():
-    from hydra import compose, initialize_config_dir
-
-    from kdlab.hydra_app import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["hparams_search=dgkd_optuna"], return_hydra_config=True)
+    cfg = compose_dictconfig("hparams_search=dgkd_optuna", return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.storage is None
     assert sweeper.direction == "maximize" and sweeper.max_failure_rate == 1.0

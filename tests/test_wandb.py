@@ -159,14 +159,8 @@ def test_wandb_mode(monkeypatch, requested, env, expected):
     assert wandb_mode(requested) == expected
 
 
-def test_wandb_logger_config_is_the_default():
+def test_wandb_logger_config_is_the_default(compose):
     """``logger=wandb`` is the root config's default; its keys are those the docs name."""
-    from hydra import compose, initialize_config_dir
-
-    from kdlab.hydra_app import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config")
-    assert cfg.logger.wandb.mode == "auto" and cfg.logger.wandb.project == "kdlab" and cfg.logger.csv
-    assert set(cfg.logger.wandb) >= {"project", "entity", "mode", "tags"}
+    logger = compose()["logger"]
+    assert logger["wandb"]["mode"] == "auto" and logger["wandb"]["project"] == "kdlab" and logger["csv"]
+    assert set(logger["wandb"]) >= {"project", "entity", "mode", "tags"}

@@ -1,57 +1,92 @@
 """The data config: defaults per data set, and validation into a plain dict.
 
-Every data set accepts the same key set (the union below), so one YAML layout serves them all; keys a data
+The defaults are written once, in the CLI's ``conf/data/<name>.yaml`` (one file per data set, read here with
+OmegaConf at import; ``${paths.data_dir}`` resolves against ``conf/paths/default.yaml``). This module adds
+only what those files do not say: the keys they leave out (`EXTRA_DEFAULTS`, set on the command line with
+``+data.<key>=...``) and the few defaults a config built in code gets instead of the CLI's
+(`CODE_DEFAULTS`). ``batch_size`` in the YAML is the run's (``data.batch_size``), given to
+``build_datamodule`` apart, not a data key.
+
+Every data set accepts the same key set (the union of all), so one YAML layout serves them all; keys a data
 set does not use are ignored, keys nobody knows are a ConfigError (catches typos).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from kdlab.data.augment import check_augment
 from kdlab.errors import ConfigError
 
+#: the CLI's config tree (the one ``python -m kdlab`` composes)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: keys of conf/data/*.yaml that belong to the run, not to the data set
+RUN_KEYS = frozenset({"batch_size"})
+
+#: keys conf/data/*.yaml leaves out, per data set ("*": every data set)
+EXTRA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {
+        "mean": None,  # per-channel normalization; null -> the data set's standard values
+        "std": None,
+    },
+    "imagefolder": {"channels": 3},  # 3 = RGB, 1 = grayscale
+    "synthetic": {"data_seed": 0},  # seeds the generated images themselves
+}
+
+#: where a config built in code (``build_datamodule({"name": ...})``) gets another default than the CLI's
+#: conf/data/<name>.yaml gives
+CODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "imagefolder": {
+        "root": "data",  # the YAML's ??? makes data.root mandatory on the command line
+        "image_size": 224,  # square side after resize / crop
+        "num_workers": None,  # DataLoader workers; null -> min(8, CPU count)
+    },
+    "synthetic": {
+        "augment": "crop_flip",
+        "noise": 1.0,  # strength of the within-class variation relative to the class prototypes
+    },
+}
+
+
+def _yaml_defaults() -> dict[str, dict[str, Any]]:
+    """conf/data/<name>.yaml per name, interpolations resolved, mandatory values (???) as None."""
+    from omegaconf import OmegaConf
+
+    files = sorted((CONF_DIR / "data").glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"no data set configs (conf/data/*.yaml) under {CONF_DIR}")
+    paths = OmegaConf.load(CONF_DIR / "paths" / "default.yaml")
+    out = {}
+    for f in files:
+        data = OmegaConf.create({"paths": paths, "data": OmegaConf.load(f)}).data
+        values = OmegaConf.to_container(data, resolve=True, throw_on_missing=False)
+        out[f.stem] = {
+            k: None if OmegaConf.is_missing(data, k) else v for k, v in values.items() if k not in RUN_KEYS
+        }
+    return out
+
+
+def _defaults() -> dict[str, dict[str, Any]]:
+    return {
+        name: {**cfg, **EXTRA_DEFAULTS["*"], **EXTRA_DEFAULTS.get(name, {}), **CODE_DEFAULTS.get(name, {})}
+        for name, cfg in _yaml_defaults().items()
+    }
+
+
+#: data set name -> every key with the default a config built in code gets
+DATA_DEFAULTS: dict[str, dict[str, Any]] = _defaults()
+#: the defaults every data set shares (name None), for a data set without a conf/data file
 COMMON_DEFAULTS: dict[str, Any] = {
-    "name": None,  # cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic
-    "root": "data",  # folder holding the data set (see each data set for the layout looked for)
-    "download": False,  # fetch through torchvision when missing (cifar*, fashion_mnist)
-    "subset": None,  # keep this many training images (seeded, stratified), before the val split
-    "val_split": 0.1,  # fraction of the (subset) training set held out for validation, in (0, 0.9]
-    "split_seed": 0,  # seeds subset, val split and test_subset; independent of the run seed
-    "test_subset": None,  # keep this many test images (seeded, stratified)
-    "augment": "crop_flip",  # none | flip | crop_flip
-    "pad": 4,  # zero padding of the random crop (crop_flip on the in-memory path)
-    "batch_size_eval": None,  # val/test/train_eval batch size; null -> 2 * batch_size
-    "mean": None,  # per-channel normalization; null -> the data set's standard values
-    "std": None,
+    "name": None,
+    **{
+        k: v
+        for k, v in next(iter(DATA_DEFAULTS.values())).items()
+        if k != "name" and all(k in d and d[k] == v for d in DATA_DEFAULTS.values())
+    },
 }
-
-IMAGEFOLDER_DEFAULTS: dict[str, Any] = {
-    "image_size": 224,  # square side after resize / crop
-    "channels": 3,  # 3 = RGB, 1 = grayscale
-    "num_workers": None,  # DataLoader workers; null -> min(8, CPU count)
-}
-
-SYNTHETIC_DEFAULTS: dict[str, Any] = {
-    "num_classes": 10,
-    "channels": 1,
-    "image_size": 28,
-    "n_train": 2000,
-    "n_test": 500,
-    "noise": 1.0,  # strength of the within-class variation relative to the class prototypes
-    "data_seed": 0,  # seeds the generated images themselves
-}
-
-DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cifar10": {**COMMON_DEFAULTS, "name": "cifar10"},
-    "cifar100": {**COMMON_DEFAULTS, "name": "cifar100"},
-    "fashion_mnist": {**COMMON_DEFAULTS, "name": "fashion_mnist"},
-    "imagefolder": {**COMMON_DEFAULTS, "name": "imagefolder", **IMAGEFOLDER_DEFAULTS},
-    "synthetic": {**COMMON_DEFAULTS, "name": "synthetic", **SYNTHETIC_DEFAULTS},
-}
-
-KNOWN_KEYS = frozenset(COMMON_DEFAULTS) | frozenset(IMAGEFOLDER_DEFAULTS) | frozenset(SYNTHETIC_DEFAULTS)
+KNOWN_KEYS = frozenset().union(*DATA_DEFAULTS.values())
 
 
 def _to_dict(data_cfg: Any) -> dict[str, Any]:

@@ -3,18 +3,38 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from torch import nn
 
 from kdlab.errors import ConfigError
 
 
+def point_map(
+    stages: Iterable[str],
+    *,
+    stem: str | None = None,
+    prepool: str = "prepool",
+    embedding: str = "flatten",
+    logits: str = "fc",
+) -> dict[str, str]:
+    """The feature points `kdlab.models.taps` resolves (name -> dotted submodule path), in this order:
+    ``stem`` (if given), ``stage1``..``stageK`` (the paths in `stages`), ``prepool``, ``embedding``,
+    ``logits``."""
+    points = {"stem": stem} if stem is not None else {}
+    points.update({f"stage{i}": path for i, path in enumerate(stages, 1)})
+    points.update(prepool=prepool, embedding=embedding, logits=logits)
+    return points
+
+
 class ZooModel(nn.Module):
     """Base class of the zoo's networks.
 
     Subclasses set ``feature_points`` (point name -> dotted submodule path whose forward output is that
-    feature) with at least ``stage1``..``stageK``, ``prepool`` and ``logits``; ``default_tap`` is the
-    point FEED-style feature losses read when a config names none.
+    feature, see `point_map`) with at least ``stage1``..``stageK``, ``prepool`` and ``logits``;
+    ``default_tap`` is the point FEED-style feature losses read when a config names none. Networks that
+    end in "global average pool + flatten + one linear layer" build that end with `add_pooled_head` and
+    run it with `classify`.
 
     No module in the zoo works in place (ReLU(inplace=False), ``a + b`` instead of ``a += b``): a
     forward hook may hold any module's output and autograd may need it later, so nothing may overwrite it.
@@ -29,6 +49,27 @@ class ZooModel(nn.Module):
         super().__init__()
         self.feature_points: dict[str, str] = {}
         self.arch = type(self).__name__.lower()
+
+    def add_pooled_head(
+        self, channels: int, num_classes: int, stages: Iterable[str], stem: str | None = None
+    ) -> None:
+        """Add the classifier end and set ``feature_points``.
+
+        Registers, in this order, ``prepool`` (an Identity marking the final feature map), ``avgpool``
+        (adaptive, to 1 x 1), ``flatten`` and ``fc`` (Linear(channels, num_classes), PyTorch's default
+        initialisation): these are the state_dict names of every pooled zoo model, and the Linear draws its
+        initial weights from the global RNG here, so call this where the head's modules belong in order
+        (after the body). Feature points: `point_map(stages, stem=stem)`.
+        """
+        self.prepool = nn.Identity()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels, num_classes)
+        self.feature_points = point_map(stages, stem=stem)
+
+    def classify(self, x):
+        """Logits from the final feature map `x`: fc(flatten(avgpool(prepool(x))))."""
+        return self.fc(self.flatten(self.avgpool(self.prepool(x))))
 
     def init_conv(self, conv: nn.Conv2d) -> None:
         """Initialise one convolution the way this family initialises its own."""

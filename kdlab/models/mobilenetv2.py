@@ -69,27 +69,16 @@ class MobileNetV2(ZooModel):
         self.blocks = nn.Sequential(*groups)
         last = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = nn.Sequential(*conv_bn_relu(c, last, 1))
-        self.prepool = nn.Identity()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(last, num_classes)
-        self.feature_points = {
-            "stem": "conv1",
-            "stage1": "blocks.1",
-            "stage2": "blocks.2",
-            "stage3": "blocks.4",
-            "stage4": "blocks.6",
-            "prepool": "prepool",
-            "embedding": "flatten",
-            "logits": "fc",
-        }
+        # stages: outputs of groups 1, 2, 4 and 6 (CRD's feature list)
+        self.add_pooled_head(
+            last, num_classes, stages=("blocks.1", "blocks.2", "blocks.4", "blocks.6"), stem="conv1"
+        )
         self.init_weights()
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
-        x = self.prepool(self.conv2(self.blocks(self.conv1(x))))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self.classify(self.conv2(self.blocks(self.conv1(x))))
 
 
 def mobilenetv2(

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from torch import nn
 
 from kdlab.errors import ConfigError
-from kdlab.models.base import ZooModel, check_width, input_hw, scaled
+from kdlab.models.base import ZooModel, check_width, input_hw, point_map, scaled
 from kdlab.models.factory import register_model
 
 # last "FC" has num_classes outputs
@@ -92,9 +92,10 @@ class PlainCNN(ZooModel):
         self.head = nn.Sequential(*hidden)
         self.fc = nn.Linear(n_in, fc_sizes[-1])
         self.spec = spec
-        self.feature_points = {f"stage{i}": f"features.stage{i}" for i in range(1, len(stages) + 1)}
-        self.feature_points.update(
-            prepool="features.prepool", embedding="head" if hidden else "flatten", logits="fc"
+        self.feature_points = point_map(
+            [f"features.stage{i}" for i in range(1, len(stages) + 1)],
+            prepool="features.prepool",
+            embedding="head" if hidden else "flatten",
         )
         self.init_weights()
 

@@ -69,25 +69,13 @@ class CifarResNet(ZooModel):
             blocks = [BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             cin = w
-        self.prepool = nn.Identity()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(cin, num_classes)
-        self.feature_points = {
-            "stem": "relu",
-            "stage1": "layer1",
-            "stage2": "layer2",
-            "stage3": "layer3",
-            "prepool": "prepool",
-            "embedding": "flatten",
-            "logits": "fc",
-        }
+        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
         self.init_weights()
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.flatten(self.avgpool(self.prepool(x))))
+        return self.classify(x)
 
 
 def cifar_resnet(

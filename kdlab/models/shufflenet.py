@@ -86,25 +86,12 @@ class ShuffleNetV1(ZooModel):
                 )
                 cin = w
             self.add_module(f"layer{i}", nn.Sequential(*units))
-        self.prepool = nn.Identity()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(cin, num_classes)
-        self.feature_points = {
-            "stem": "relu",
-            "stage1": "layer1",
-            "stage2": "layer2",
-            "stage3": "layer3",
-            "prepool": "prepool",
-            "embedding": "flatten",
-            "logits": "fc",
-        }
+        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
         self.init_weights()
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.prepool(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self.classify(self.layer3(self.layer2(self.layer1(x))))
 
 
 class ShuffleV2Down(nn.Module):
@@ -168,25 +155,12 @@ class ShuffleNetV2(ZooModel):
             )
             cin = w
         self.conv2 = nn.Sequential(nn.Conv2d(cin, widths[3], 1, bias=False), *_bn_relu(widths[3]))
-        self.prepool = nn.Identity()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(widths[3], num_classes)
-        self.feature_points = {
-            "stem": "relu",
-            "stage1": "layer1",
-            "stage2": "layer2",
-            "stage3": "layer3",
-            "prepool": "prepool",
-            "embedding": "flatten",
-            "logits": "fc",
-        }
+        self.add_pooled_head(widths[3], num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
         self.init_weights()
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.prepool(self.conv2(self.layer3(self.layer2(self.layer1(x)))))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self.classify(self.conv2(self.layer3(self.layer2(self.layer1(x)))))
 
 
 def _no_width(name: str, width_mult: float) -> None:

@@ -50,12 +50,7 @@ class VGG(ZooModel):
             if i < 4:
                 pool = nn.MaxPool2d(kernel_size=2, stride=2) if (i < 3 or h >= 64) else nn.Identity()
                 self.add_module(f"pool{i}", pool)
-        self.prepool = nn.Identity()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(cin, num_classes)
-        self.feature_points = {f"stage{i + 1}": f"block{i}" for i in range(5)}
-        self.feature_points.update(prepool="prepool", embedding="flatten", logits="fc")
+        self.add_pooled_head(cin, num_classes, stages=[f"block{i}" for i in range(5)])
         self.init_weights()
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
@@ -63,8 +58,7 @@ class VGG(ZooModel):
     def forward(self, x):
         for i in range(4):
             x = getattr(self, f"pool{i}")(getattr(self, f"block{i}")(x))
-        x = self.prepool(self.block4(x))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self.classify(self.block4(x))
 
 
 def vgg(cfg_name: str, num_classes: int, in_channels: int = 3, input_size=32, width_mult: float = 1.0) -> VGG:

@@ -72,26 +72,13 @@ class WideResNet(ZooModel):
             cin = w
         self.bn1 = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU()
-        self.prepool = nn.Identity()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(cin, num_classes)
-        self.feature_points = {
-            "stem": "conv1",
-            "stage1": "block1",
-            "stage2": "block2",
-            "stage3": "block3",
-            "prepool": "prepool",
-            "embedding": "flatten",
-            "logits": "fc",
-        }
+        self.add_pooled_head(cin, num_classes, stages=("block1", "block2", "block3"), stem="conv1")
         self.init_weights()
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
-        x = self.prepool(self.relu(self.bn1(x)))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self.classify(self.relu(self.bn1(x)))
 
 
 def wide_resnet(
