@@ -317,3 +317,25 @@ def test_sweep_summary_names_interrupted_jobs(tmp_path, capsys):
     assert sorted(d.name for d in failed) == ["1", "2"]
     assert "3 job(s), 1 completed, 1 failed, 1 interrupted (1, 2)" in err
     assert "job 2 interrupted: interrupted by SIGTERM during stage ta1" in err
+
+
+def test_in_a_ddp_fit_the_signal_goes_to_lightnings_synchronized_stop(monkeypatch):
+    """With more than one process fitting, kdlab's handler does not raise mid-step (the other ranks would
+    wait in a collective): a SIGTERM is left to Lightning's handler, a Ctrl-C is handed to it as a SIGTERM,
+    and Lightning's SIGTERMException then counts as the signal received."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from kdlab import errors
+
+    calls = []
+    monkeypatch.setattr(errors, "_distributed_fit", lambda: lambda signum, frame: calls.append(signum))
+    previous = install_interrupt_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # no Interrupted raised here
+        stop = errors.interruption(SIGTERMException())
+    finally:
+        restore_interrupt_handlers(previous)
+    assert calls == [signal.SIGTERM]
+    assert isinstance(stop, Interrupted) and stop.signum == signal.SIGINT and stop.exit_code == 130
+    assert errors.interruption(ValueError("x")) is None
