@@ -12,7 +12,6 @@ store and rerunning the same command resumes. Tracebacks only with ``debug=true`
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 import re
 import sys
@@ -67,21 +66,6 @@ def check_output_dir(path: str) -> None:
         raise StoreError(f"cannot create the output directory {path!r}: {str(p)!r} is not writable")
 
 
-def _quiet_libraries() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*is deprecated.*")
-    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")  # on_nan=rollback skips a batch
-    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")  # DDP: metrics sync
-    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
-                 "lightning.pytorch.utilities.rank_zero", "lightning_fabric",
-                 "pytorch_lightning.trainer.connectors.signal_connector"):  # kdlab names the SIGTERM itself
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def preflight(argv: list[str]) -> None:
     """Compose the config once before Hydra runs it, so bad overrides end with one line and exit 2."""
     from hydra import compose, initialize_config_dir
@@ -90,14 +74,13 @@ def preflight(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from kdlab.config import validate_config
     from kdlab.errors import KdlabError, warn
+    from kdlab.pipeline.checks import validate_config
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path \
             or args.config_dir or args.experimental_rerun:
         return
-    STATE["multirun"] = bool(args.multirun)
     overrides: list[str] = []
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
@@ -162,7 +145,9 @@ def preflight(argv: list[str]) -> None:
 
 
 def main() -> None:
-    _quiet_libraries()
+    from kdlab.logs import quiet_libraries
+
+    quiet_libraries()
     from kdlab.errors import Interrupted, interrupt_handlers
     from kdlab.hydra_app import hydra_entry, register_configs, report_interrupt
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from kdlab.errors import Interrupted
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-STATE: dict[str, Any] = {"exit": 0, "multirun": False, "sweep": None}  # sweep: (dir, since) once it runs
+STATE: dict[str, Any] = {"exit": 0, "sweep": None}  # sweep: (dir, since) once it runs
 log = logging.getLogger("kdlab")
 
 
@@ -138,9 +138,9 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:  # jobs in worker processes (joblib, submitit) start without __main__'s quieting
-        from kdlab.__main__ import _quiet_libraries
+        from kdlab.logs import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
     run_dir = Path(hc.runtime.output_dir)
     debug = bool(cfg.get("debug")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     job = f"job {hc.job.num}: " if multirun else ""

@@ -2,7 +2,7 @@
 
 The test enumerates the directory, so a new ``conf/experiment/<name>.yaml`` is covered without editing this
 file. For each recipe: ``+experiment=<name>`` composes and resolves as the CLI composes it,
-``kdlab.config.validate_config`` accepts it (everything checkable without data), and the stage list is
+``kdlab.pipeline.checks.validate_config`` accepts it (everything checkable without data), and the stage list is
 well-formed: registered zoo models, sources that are earlier stages, the student last (unless the recipe
 has one stage), and the data set the file name promises (``*_fashion_mnist`` -> fashion_mnist,
 ``*_cifar100`` -> cifar100, ``*_cifar10_*`` -> cifar10, ...).
@@ -13,9 +13,9 @@ import re
 
 import pytest
 
-from kdlab.config import validate_config
 from kdlab.models import list_models
 from kdlab.pipeline import build_stages
+from kdlab.pipeline.checks import validate_config
 from tests.conftest import ROOT
 
 RECIPES = sorted((ROOT / "conf" / "experiment").glob("*.yaml"))

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.config import validate_config
 from kdlab.distill import SourceOutput, StudentOutput, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.distill.feed import FEED, Translator
@@ -25,6 +24,7 @@ from kdlab.errors import ConfigError
 from kdlab.models import FeatureTaps, build_model, count_params, feature_shapes, list_models
 from kdlab.modules import DistillModule, SourceBank
 from kdlab.pipeline import build_stages
+from kdlab.pipeline.checks import validate_config
 from kdlab.pipeline.spec import member_seed
 from kdlab.pipeline.train import _state_from_lightning
 from kdlab.store import load_weights

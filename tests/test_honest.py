@@ -12,7 +12,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from kdlab.config import validate_config
 from kdlab.distill import SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.distill.stochastic import stochastic_config
@@ -20,6 +19,7 @@ from kdlab.errors import ConfigError
 from kdlab.models import build_model
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.pipeline import build_stages
+from kdlab.pipeline.checks import validate_config
 from kdlab.pipeline.train import build_stage_model
 from kdlab.store import load_weights
 from tests.conftest import compose_config as composed

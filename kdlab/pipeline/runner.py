@@ -12,7 +12,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import kdlab
-from kdlab.config import validate_stages
 from kdlab.data import build_datamodule
 from kdlab.environment import describe_environment
 from kdlab.errors import (
@@ -23,6 +22,7 @@ from kdlab.errors import (
     warn,
 )
 from kdlab.models import build_model
+from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import (
     RunContext,
