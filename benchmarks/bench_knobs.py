@@ -67,7 +67,7 @@ def run(o: Options) -> dict[str, Any]:
                            live if live is not None else alone, "samples/s", None, None, "; ".join(parts)))
     live_rates = {n: r["live"].get("samples_per_second") or 0 for n, r in out.items()}
     fastest = max(live_rates, key=live_rates.get)
-    from kdlab.pipeline.train import resolve_precision
+    from kdlab.pipeline.runtime import resolve_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     auto = str(resolve_precision("auto", device))

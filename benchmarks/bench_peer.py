@@ -124,7 +124,7 @@ def run(o: Options) -> dict[str, Any]:
                 "framework": "classic PyTorch KD loop (DataLoader + PIL) -- fallback, not torchdistill"}
 
     # -- kdlab, as a user runs it (default precision: auto), and at torchdistill's fp32 when auto differs -----
-    from kdlab.pipeline.train import resolve_precision
+    from kdlab.pipeline.runtime import resolve_precision
 
     auto = str(resolve_precision(plain["trainer"].get("precision", "auto"),
                                  torch.device("cuda" if torch.cuda.is_available() else "cpu")))

@@ -51,7 +51,7 @@ def run(o: Options) -> dict[str, Any]:
     from handloop import load_frozen, train_dgkd_student
 
     from kdlab.models import build_model
-    from kdlab.pipeline.train import resolve_precision
+    from kdlab.pipeline.runtime import resolve_precision
 
     fx = common.fixture(o)
     dm, plain = common.kdlab_datamodule(common.base_overrides(o))

@@ -111,7 +111,8 @@ class _DataStub:
 def stage_keys(cfg: dict) -> dict[str, str]:
     """Store key of every stage of a composed config, computed as the runner does (sources' keys chained in)."""
     from kdlab.pipeline import build_stages
-    from kdlab.pipeline.train import RunContext, stage_description
+    from kdlab.pipeline.assemble import stage_description
+    from kdlab.pipeline.context import RunContext
     from kdlab.store import stage_key
 
     ctx = RunContext(cfg=cfg, run_dir=Path("."), store=None, dm=_DataStub(cfg["data"]), method="m", dataset="d",

@@ -19,8 +19,8 @@ from kdlab.errors import ConfigError
 from kdlab.models import build_model
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.pipeline import build_stages
+from kdlab.pipeline.assemble import build_stage_model
 from kdlab.pipeline.checks import validate_config
-from kdlab.pipeline.train import build_stage_model
 from kdlab.store import load_weights
 from tests.conftest import compose_config as composed
 from tests.conftest import read_results, run_kdlab, stage_keys, trained

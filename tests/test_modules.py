@@ -106,7 +106,7 @@ def test_supervised_module_learns(synthetic_dm):
 
 def test_auto_precision_is_the_measured_fastest_per_accelerator(monkeypatch):
     """auto: bf16-mixed where bf16 runs in hardware (CUDA with bf16, AMX/AVX512-BF16 CPUs), fp32 elsewhere."""
-    from kdlab.pipeline import train
+    from kdlab.pipeline import runtime as train  # precision and device resolution
 
     assert train.resolve_precision("32-true", torch.device("cpu")) == "32-true"  # explicit wins
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)

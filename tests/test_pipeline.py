@@ -200,7 +200,7 @@ def test_per_stage_seed_fixes_one_stage():
 def test_store_key_holds_the_resolved_precision(tmp_path):
     """trainer.precision=auto is keyed by what it resolves to here: fp32 weights are never reused for a bf16
     run (or the reverse), and auto reuses the stage of the explicit precision it stands for."""
-    from kdlab.pipeline.train import cpu_has_native_bf16
+    from kdlab.pipeline.runtime import cpu_has_native_bf16
 
     args = ["pipeline=single", "distill=none", "model=plain2", "data.n_train=320", "data.n_test=100",
             "trainer.max_epochs=1"]

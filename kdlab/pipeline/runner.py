@@ -22,18 +22,11 @@ from kdlab.errors import (
     warn,
 )
 from kdlab.models import build_model
+from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
 from kdlab.pipeline.checks import validate_stages
+from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.spec import StageSpec, build_stages
-from kdlab.pipeline.train import (
-    RunContext,
-    build_stage_model,
-    check_stages,
-    count_params,
-    import_checkpoint,
-    resume_point,
-    stage_description,
-    train_stage,
-)
+from kdlab.pipeline.train import import_checkpoint, resume_point, train_stage
 from kdlab.store import RankSync, StageRecord, StageStore, atomic_write_json, stage_key
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,150 @@
+"""Assembling a stage from its spec: its model, description (the store key's input), Lightning module
+(sources, strategy, cache), Trainer; and building every stage once before anything trains."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from kdlab.distill import STRATEGIES, SourceSelector, build_strategy
+from kdlab.distill.base import StrategyContext
+from kdlab.errors import ConfigError
+from kdlab.models import build_model, feature_shapes
+from kdlab.modules import DistillModule, SourceBank, SupervisedModule
+from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.runtime import compute_device, resolve_precision
+from kdlab.pipeline.source_cache import cache_enabled, source_outputs_cache
+from kdlab.pipeline.spec import StageSpec
+from kdlab.store import StageRecord, sha256_file
+
+# Trainer arguments that do not change what a stage learns (kept out of the store key).
+NON_SEMANTIC_TRAINER_KEYS = {
+    "accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar", "log_every_n_steps",
+    "enable_model_summary", "benchmark", "default_root_dir", "max_epochs", "num_sanity_val_steps",
+    "enable_checkpointing", "logger", "callbacks", "sync_batchnorm",
+}
+
+
+
+def build_stage_model(spec: StageSpec, dm: Any) -> nn.Module:
+    m = spec.model
+    return build_model(m["arch"], num_classes=dm.num_classes, in_channels=dm.in_channels,
+                       input_size=dm.image_size, on_the_fly=bool(m.get("on_the_fly")),
+                       on_the_fly_n=m.get("on_the_fly_n"), on_the_fly_mode=m.get("on_the_fly_mode", "row"),
+                       **dict(m.get("kwargs") or {}))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) -> dict[str, Any]:
+    """Everything that determines a stage's weights; its hash is the store key."""
+    cfg, dm = ctx.cfg, ctx.dm
+    trainer = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in NON_SEMANTIC_TRAINER_KEYS}
+    # the precision the stage really trains at (auto differs per machine), so fp32 and bf16 weights never mix
+    trainer["precision"] = str(resolve_precision(trainer.get("precision", "auto"), compute_device(ctx)))
+    desc: dict[str, Any] = {
+        "model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
+        "input_size": dm.image_size, "data": dm.fingerprint(), "batch_size": cfg["data"]["batch_size"],
+        "sources": source_keys, "distill": spec.distill, "stochastic": spec.stochastic,
+        "optimizer": spec.optimizer, "scheduler": spec.scheduler, "max_epochs": spec.max_epochs,
+        "seed": spec.seed, "trainer": trainer,
+    }
+    tcfg = cfg.get("trainer") or {}
+    if str(tcfg.get("strategy") or "").startswith("ddp"):  # the global batch grows with the world size
+        devices = tcfg.get("devices", 1)
+        world = int(devices) if str(devices).isdigit() else str(devices)
+        desc["world_size"] = [world, int(tcfg.get("num_nodes") or 1)]
+    if spec.checkpoint:
+        desc = {"model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
+                "input_size": dm.image_size, "data": dm.fingerprint(),
+                "checkpoint_sha256": sha256_file(Path(spec.checkpoint))}
+    return desc
+
+
+def trainer_kwargs(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
+    kw = {k: v for k, v in (ctx.cfg.get("trainer") or {}).items()}
+    kw["max_epochs"] = spec.max_epochs
+    kw["precision"] = resolve_precision(kw.get("precision", "auto"), compute_device(ctx))
+    kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("enable_model_summary", False)
+    return kw
+
+
+def load_source(spec: StageSpec, record: StageRecord, ctx: RunContext) -> nn.Module:
+    model = build_stage_model(spec, ctx.dm)
+    model.load_state_dict(record.state_dict())
+    return model
+
+
+def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[StageSpec, StageRecord]],
+                 ctx: RunContext) -> SupervisedModule:
+    speed = ctx.cfg.get("speed") or {}
+    channels_last = bool(speed.get("channels_last", False))
+    common = {"num_classes": ctx.dm.num_classes, "optimizer": instantiate(spec.optimizer),
+              "scheduler": instantiate(spec.scheduler) if spec.scheduler else None,
+              "max_epochs": spec.max_epochs, "stage": spec.name, "channels_last": channels_last,
+              "label_smoothing": float(spec.distill.get("label_smoothing", 0.0)),
+              "on_nan": str(ctx.cfg.get("on_nan", "stop"))}
+    if not sources:
+        return SupervisedModule(model, **common)
+    source_models = {name: load_source(s_spec, rec, ctx) for name, (s_spec, rec) in sources.items()}
+    strategy, t_taps = stage_strategy(spec, model, source_models, ctx)
+    cache = None
+    if cache_enabled(ctx):
+        cache = {name: source_outputs_cache(ctx, rec, source_models[name], t_taps)
+                 for name, (_, rec) in sources.items()}
+    bank = SourceBank(source_models, t_taps, cache, channels_last=channels_last)
+    selector = None
+    if spec.stochastic:
+        selector = SourceSelector(list(sources), **spec.stochastic, seed=spec.seed, stage=spec.name)
+    return DistillModule(model, sources=bank, strategy=strategy, selector=selector, **common)
+
+
+def stage_strategy(spec: StageSpec, model: nn.Module, source_models: dict[str, nn.Module], ctx: RunContext
+                   ) -> tuple[Any, list[str]]:
+    """The stage's strategy (its feature taps resolved on the actual models) and the sources' taps."""
+    shape = (ctx.dm.in_channels, ctx.dm.image_size, ctx.dm.image_size)
+    s_taps, t_taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
+    sctx = StrategyContext(
+        stage=spec.name, source_names=list(source_models), num_classes=ctx.dm.num_classes,
+        student_feature_shapes=feature_shapes(model, s_taps, shape) if s_taps else {},
+        source_feature_shapes={n: feature_shapes(m, t_taps, shape) for n, m in source_models.items()}
+        if t_taps else {},
+    )
+    return build_strategy(spec.distill, sctx), t_taps
+
+
+def make_trainer(**kwargs: Any) -> pl.Trainer:
+    """A Lightning Trainer; arguments it rejects (trainer.* settings) are a config error."""
+    try:
+        return pl.Trainer(**kwargs)
+    except (TypeError, ValueError, ImportError, MisconfigurationException) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"invalid trainer settings: {reason}") from e
+
+
+def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
+    """Build every stage's model, strategy (feature taps, translators), optimizer and Trainer once, with
+    no weights and no training, so that a bad setting fails before the first stage is trained or stored."""
+    by_name = {s.name: s for s in specs}
+    for spec in specs:
+        model = build_stage_model(spec, ctx.dm)
+        for what, node in (("optimizer", spec.optimizer), ("scheduler", spec.scheduler)):
+            try:
+                if node:
+                    instantiate(node)
+            except Exception as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"stage {spec.name!r}: bad {what} config: {reason}") from e
+        if spec.sources and not spec.checkpoint:
+            stage_strategy(spec, model, {n: build_stage_model(by_name[n], ctx.dm) for n in spec.sources}, ctx)
+    if specs:
+        make_trainer(**trainer_kwargs(ctx, specs[0]), logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False)
+
