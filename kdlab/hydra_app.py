@@ -48,7 +48,9 @@ def report_interrupt(e: Interrupted) -> int:
 
 def _rank_zero() -> bool:
     if "kdlab.store" in sys.modules:  # torch is loaded: the process group, else the environment
-        return bool(sys.modules["kdlab.store"].is_rank_zero())
+        from kdlab.ranks import is_rank_zero
+
+        return bool(is_rank_zero())
     return all(os.environ.get(var, "0").strip() in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 

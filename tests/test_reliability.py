@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from kdlab.errors import StoreError, TrainingError
-from kdlab.store import StageStore, load_weights
+from kdlab.fileio import load_weights
+from kdlab.store import StageStore
 from tests.conftest import ROOT, kdlab_env, read_results, run_kdlab, trained
 
 TINY = ["preset=none", "data=synthetic", "data.n_train=256", "data.n_test=64", "data.batch_size=64",
@@ -148,7 +149,7 @@ def test_checkpoints_left_by_a_kill_after_the_marker_are_cleaned_up(tmp_path):
 @pytest.mark.parametrize("failing", ["model.pt", "meta.json", "DONE"])
 def test_write_error_during_commit_is_clear_and_leaves_no_done(tmp_path, monkeypatch, failing):
     """A full disk (ENOSPC, mocked) at any file of a commit: a StoreError naming the stage, no marker."""
-    import kdlab.store as st
+    import kdlab.fileio as st  # the store writes every file through kdlab.fileio
 
     real = st.atomic_write_bytes
 

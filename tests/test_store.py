@@ -25,7 +25,8 @@ import torch
 
 import kdlab.store as st
 from kdlab.errors import ConfigError, StoreError
-from kdlab.store import StageStore, atomic_write_json, canonical_json, load_weights, stage_key
+from kdlab.fileio import atomic_write_json, load_weights, sha256_file
+from kdlab.store import StageStore, canonical_json, stage_key
 
 SPEC = {"name": "student", "model": {"arch": "plain2", "kwargs": {}}, "sources": ["abc"],
         "distill": {"strategy": "kd", "temperature": 4.0}}
@@ -101,7 +102,7 @@ def test_commit_then_lookup_returns_the_same_weights_and_meta(tmp_path):
     assert record.dir == tmp_path / key and record.meta == meta
     assert sorted(p.name for p in (tmp_path / key).iterdir()) == ["DONE", "meta.json", "model.pt"]
     sums = json.loads((tmp_path / key / "DONE").read_text())["sha256"]
-    assert sums == {name: st.sha256_file(tmp_path / key / name) for name in ("model.pt", "meta.json")}
+    assert sums == {name: sha256_file(tmp_path / key / name) for name in ("model.pt", "meta.json")}
 
     found = StageStore(tmp_path, on_corrupt="fail").lookup(key)  # a fresh instance, as another run sees it
     assert found is not None and found.key == key and found.meta == meta

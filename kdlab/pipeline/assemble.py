@@ -13,13 +13,14 @@ from torch import nn
 from kdlab.distill import STRATEGIES, SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.errors import ConfigError
+from kdlab.fileio import sha256_file
 from kdlab.models import build_model, feature_shapes
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runtime import compute_device, resolve_precision
 from kdlab.pipeline.source_cache import cache_enabled, source_outputs_cache
 from kdlab.pipeline.spec import StageSpec
-from kdlab.store import StageRecord, sha256_file
+from kdlab.store import StageRecord
 
 # Trainer arguments that do not change what a stage learns (kept out of the store key).
 NON_SEMANTIC_TRAINER_KEYS = {

@@ -21,13 +21,15 @@ from kdlab.errors import (
     restore_interrupt_handlers,
     warn,
 )
+from kdlab.fileio import atomic_write_json
 from kdlab.models import build_model
 from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import import_checkpoint, resume_point, train_stage
-from kdlab.store import RankSync, StageRecord, StageStore, atomic_write_json, stage_key
+from kdlab.ranks import RankSync
+from kdlab.store import StageRecord, StageStore, stage_key
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from kdlab.callbacks import progress_callbacks
 from kdlab.errors import ConfigError, StoreError, TrainingError, warn
+from kdlab.fileio import load_weights
 from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.modules import DistillModule
 from kdlab.pipeline.assemble import (
@@ -24,7 +25,7 @@ from kdlab.pipeline.assemble import (
 )
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.spec import StageSpec
-from kdlab.store import StageRecord, load_weights
+from kdlab.store import StageRecord
 
 log = logging.getLogger(__name__)
 
