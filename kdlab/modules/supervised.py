@@ -72,9 +72,6 @@ class SupervisedModule(pl.LightningModule):
     on_test_start = on_fit_start
 
     def on_train_epoch_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
         self._epoch_sums = {}
         if self.on_nan == "rollback":  # the state at the epoch's start is the last checkpointed one
             self._good_state = {k: v.detach().clone() for k, v in self.state_dict().items()}

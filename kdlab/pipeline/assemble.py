@@ -31,12 +31,17 @@ NON_SEMANTIC_TRAINER_KEYS = {
 
 
 
-def build_stage_model(spec: StageSpec, dm: Any) -> nn.Module:
+def model_from_spec(spec: StageSpec, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    """The stage's model (its ``model`` entry: arch, on-the-fly settings, kwargs) for data of this shape."""
     m = spec.model
-    return build_model(m["arch"], num_classes=dm.num_classes, in_channels=dm.in_channels,
-                       input_size=dm.image_size, on_the_fly=bool(m.get("on_the_fly")),
-                       on_the_fly_n=m.get("on_the_fly_n"), on_the_fly_mode=m.get("on_the_fly_mode", "row"),
-                       **dict(m.get("kwargs") or {}))
+    return build_model(m["arch"], num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                       on_the_fly=bool(m.get("on_the_fly")), on_the_fly_n=m.get("on_the_fly_n"),
+                       on_the_fly_mode=m.get("on_the_fly_mode", "row"), **dict(m.get("kwargs") or {}))
+
+
+def build_stage_model(spec: StageSpec, dm: Any) -> nn.Module:
+    """The stage's model for the loaded data module ``dm`` (its class count, channels and image size)."""
+    return model_from_spec(spec, dm.num_classes, dm.in_channels, dm.image_size)
 
 
 def count_params(model: nn.Module) -> int:

@@ -45,7 +45,8 @@ def validate_run_settings(cfg: dict[str, Any]) -> None:
 def validate_taps(stage: StageSpec, specs: list[StageSpec]) -> None:
     """Feature points a strategy records (FEED's taps) must exist in the models, before anything trains."""
     from kdlab.distill import STRATEGIES
-    from kdlab.models import build_model, resolve_point
+    from kdlab.models import resolve_point
+    from kdlab.pipeline.assemble import model_from_spec
 
     s_taps, t_taps = STRATEGIES.get(str(stage.distill.get("strategy", "kd"))).taps(stage.distill)
     if not (s_taps or t_taps):
@@ -53,10 +54,7 @@ def validate_taps(stage: StageSpec, specs: list[StageSpec]) -> None:
     by_name = {s.name: s for s in specs}
 
     def probe(spec: StageSpec):  # the feature points do not depend on the data's shape or class count
-        m = spec.model
-        return build_model(m["arch"], num_classes=10, in_channels=3, input_size=32,
-                           on_the_fly=bool(m.get("on_the_fly")), on_the_fly_n=m.get("on_the_fly_n"),
-                           on_the_fly_mode=m.get("on_the_fly_mode", "row"), **dict(m.get("kwargs") or {}))
+        return model_from_spec(spec, num_classes=10, in_channels=3, input_size=32)  # (no data loaded yet)
 
     student = probe(stage)
     for tap in s_taps:

@@ -2,7 +2,6 @@
 and writes the run's ``results.json``."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -22,7 +21,6 @@ from kdlab.errors import (
     warn,
 )
 from kdlab.fileio import atomic_write_json
-from kdlab.models import build_model
 from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
@@ -64,12 +62,7 @@ def warn_if_growing(specs: list[StageSpec], dm: Any) -> None:
     """A teacher is normally larger than its students: say so when a chain grows instead of shrinking."""
     sizes = {}
     for s in specs:
-        m = s.model
-        sizes[s.name] = count_params(build_model(m["arch"], num_classes=dm.num_classes, in_channels=dm.in_channels,
-                                                 input_size=dm.image_size, on_the_fly=bool(m.get("on_the_fly")),
-                                                 on_the_fly_n=m.get("on_the_fly_n"),
-                                                 on_the_fly_mode=m.get("on_the_fly_mode", "row"),
-                                                 **dict(m.get("kwargs") or {})))
+        sizes[s.name] = count_params(build_stage_model(s, dm))
     for s in specs:
         for src in s.sources:
             if sizes[src] < sizes[s.name]:
@@ -127,8 +120,6 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                            writer=sync.leader)
         data_cfg = {k: v for k, v in plain["data"].items() if k != "batch_size"}
         dm = build_datamodule(data_cfg, batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
-        dm.prepare_data()
-        dm.setup("fit")
         results["dataset"] = getattr(dm, "name", results["dataset"])
         if sync.leader:
             log.info("%s", run_summary(plain, dm, specs))
@@ -200,10 +191,6 @@ def run_group(cfg: dict[str, Any], run_dir: Path) -> str:
     name = cfg.get("experiment_name") or "default"
     tail = "-".join(run_dir.resolve().parts[-3:])
     return f"{name}-{tail}"
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
 
 
 __all__ = ["build_stage_model", "run_pipeline"]
