@@ -74,13 +74,12 @@ def preflight(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from kdlab.errors import KdlabError, warn
-    from kdlab.pipeline.checks import validate_config
-
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path \
             or args.config_dir or args.experimental_rerun:
         return
+    from kdlab.errors import KdlabError, warn
+    from kdlab.pipeline.checks import validate_config  # the checks (and torch) only for a run, not for --help
     overrides: list[str] = []
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
