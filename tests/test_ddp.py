@@ -43,7 +43,7 @@ def test_ddp_two_cpu_processes_run_a_three_stage_pipeline(tmp_path):
     r = run_kdlab(ARGS + DDP + ["logger=wandb"], tmp_path / "ddp", run_dir, synth=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "kdlab: error" not in r.stderr
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in r.stdout  # rank 1 really ran (its log shares the terminal)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in r.stdout + r.stderr  # rank 1 really ran (its log shares the terminal)
     assert (run_dir / "train_ddp_process_1.log").exists()
 
     # exactly one results.json, complete
@@ -86,6 +86,6 @@ def test_ddp_two_cpu_processes_run_a_three_stage_pipeline(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     res2 = read_results(tmp_path / "ddp_run2")
     assert trained(res2) == ["student"] and res2["status"] == "completed"
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in r2.stdout
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in r2.stdout + r2.stderr
     assert len(_stage_dirs(store)) == 4
     assert json.loads((store / res2["stages"][-1]["store_key"] / "meta.json").read_text())["name"] == "student"
