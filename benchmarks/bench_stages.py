@@ -46,17 +46,17 @@ def drop_caches(o: Options, keys: list[str]) -> None:
         shutil.rmtree(o.store / key / "cache", ignore_errors=True)
 
 
-def run(o: Options) -> dict[str, Any]:
+def hand_loop(o: Options, fx: dict[str, Any]):
+    """``(hand, info)``: ``hand()`` runs the hand-written loop (handloop.train_dgkd_student) on the fixture's sources, the same
+    images, batch size, epochs (``live_epochs``), optimizer, loss and precision as kdlab's stage."""
     import torch
     from handloop import load_frozen, train_dgkd_student
 
     from kdlab.models import build_model
     from kdlab.pipeline.runtime import resolve_precision
 
-    fx = common.fixture(o)
     dm, plain = common.kdlab_datamodule(common.base_overrides(o))
     src_names = [n for n in fx["stages"] if n != "student"]
-    K = len(src_names)  # 4 with the default chain
     shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "size": dm.image_size}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where kdlab's accelerator=auto trains
     sources = [load_frozen(fx["stages"][n]["arch"], fx["stages"][n]["checkpoint"], **shape).to(device)
@@ -82,6 +82,15 @@ def run(o: Options) -> dict[str, Any]:
         ckpt.unlink(missing_ok=True)
         return out
 
+    return hand, {"precision": precision, "train_images": dm.train_size}
+
+
+def run(o: Options) -> dict[str, Any]:
+    fx = common.fixture(o)
+    src_names = [n for n in fx["stages"] if n != "student"]
+    K = len(src_names)  # 4 with the default chain
+    hand, info = hand_loop(o, fx)
+    precision = info["precision"]
     runs: dict[str, list[dict[str, Any]]] = {}
 
     def add(name: str, result: dict[str, Any]) -> None:
@@ -148,7 +157,7 @@ def run(o: Options) -> dict[str, Any]:
     return {
         "name": "stages", "figures": figs,
         "details": {"runs": runs, "sources": src_names, "epochs": E, "live_epochs": EL,
-                    "train_images": dm.train_size,
+                    "train_images": info["train_images"],
                     "precision": precision,
                     "fixture": {k: fx[k] for k in ("trained", "seconds")},
                     "median_samples_per_second": {k: _median(v, "samples_per_second") for k, v in runs.items()}},

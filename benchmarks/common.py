@@ -6,12 +6,12 @@ Every benchmark runs kdlab through its real code path: the Hydra config is compo
 source-output cache, DistillModule, Lightning Trainer, checkpoints, validation, test). Two measurements
 are added from outside, without changing what kdlab does:
 
-* ``BatchTimer``, a Lightning callback appended to the stage's Trainer, times the training batches of each
+* ``BatchTimer``, a Lightning callback added to the stage's Trainer through config, times the training batches of each
   epoch from the start of batch 1 to the end of the last batch (batch 0, the iterator's creation, the
   validation loop and the epoch-end hooks are outside the timed span); it reads ``perf_counter`` twice per
   batch and does nothing else.
-* the wall time of ``train_stage`` (model and sources built, caches loaded, fit, the two test passes,
-  commit to the store): the "stage time".
+* the stage's wall time, which kdlab itself records (``stage_seconds`` in results.json: model and sources
+  built, caches loaded, fit, the test passes): the "stage time".
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pytorch_lightning.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -161,9 +163,13 @@ def compose(overrides: list[str]):
         GlobalHydra.instance().clear()
 
 
-class BatchTimer:
+class BatchTimer(Callback):
     """Steady-state training throughput: per epoch, from the start of batch ``skip`` to the end of the last
-    batch (so the first batch, iterator creation, validation and epoch hooks are not timed)."""
+    batch (so the first batch, iterator creation, validation and epoch hooks are not timed).
+
+    Added to every stage's Trainer through config (``+callbacks.bench_timer._target_=<this class>``, see
+    :func:`run_pipeline`); each instance registers itself with the open :class:`Instruments`, records the
+    module it fits and runs the ``before_fit`` hooks (f(trainer, module)) as fit starts."""
 
     def __init__(self, skip: int = 1):
         self.skip = skip
@@ -172,8 +178,15 @@ class BatchTimer:
         self.batches = 0
         self._t0: float | None = None
         self._t1: float | None = None
+        if RECORDING:
+            RECORDING[-1].timers.append(self)
 
-    # Lightning calls these by name; the class is mixed into a Callback in instrument()
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and RECORDING:
+            RECORDING[-1].modules.append(pl_module)
+            for hook in RECORDING[-1].before_fit:
+                hook(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = self._t1 = None
 
@@ -210,7 +223,7 @@ def _sync(module) -> None:
 @dataclass
 class Instruments:
     timers: list[Any] = field(default_factory=list)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # from results.json (kdlab measures it)
     modules: list[Any] = field(default_factory=list)
     before_fit: list[Any] = field(default_factory=list)  # f(trainer, module), called as fit starts
 
@@ -220,46 +233,8 @@ class Instruments:
         return seen[-1] if seen else None
 
 
-@contextlib.contextmanager
-def instrument():
-    """Append a BatchTimer to every Trainer kdlab builds and time every ``train_stage`` call."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
-
-    from kdlab.pipeline import runner
-
-    rec = Instruments()
-    timer_cls = type("BenchBatchTimer", (BatchTimer, Callback), {})
-    original_trainer = pl.Trainer
-
-    class TimedTrainer(original_trainer):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, callbacks: Any = None, **kwargs: Any):
-            timer = timer_cls()
-            rec.timers.append(timer)
-            super().__init__(*args, callbacks=[*(callbacks or []), timer], **kwargs)
-
-        def fit(self, model, *args: Any, **kwargs: Any):
-            rec.modules.append(model)
-            for hook in rec.before_fit:
-                hook(self, model)
-            return super().fit(model, *args, **kwargs)
-
-    original_train_stage = runner.train_stage
-
-    def timed_train_stage(spec, *args: Any, **kwargs: Any):
-        t0 = time.perf_counter()
-        try:
-            return original_train_stage(spec, *args, **kwargs)
-        finally:
-            rec.stage_seconds[spec.name] = time.perf_counter() - t0
-
-    pl.Trainer = TimedTrainer
-    runner.train_stage = timed_train_stage
-    try:
-        yield rec
-    finally:
-        pl.Trainer = original_trainer
-        runner.train_stage = original_train_stage
+RECORDING: list[Instruments] = []  # the open recording (run_pipeline), which new BatchTimers join
+TIMER_OVERRIDE = f"+callbacks.bench_timer._target_={__name__}.BatchTimer"
 
 
 def run_pipeline(overrides: list[str], run_name: str, o: Options, before_fit: list[Any] = ()
@@ -267,11 +242,15 @@ def run_pipeline(overrides: list[str], run_name: str, o: Options, before_fit: li
     """Compose the config like the CLI and run the pipeline in this process; returns (results, instruments)."""
     from kdlab.pipeline.runner import run_pipeline as kdlab_run_pipeline
 
-    cfg = compose(overrides)
+    cfg = compose([*overrides, TIMER_OVERRIDE])
     run_dir = o.workdir / "runs" / f"{run_name}-{os.getpid()}-{time.time_ns()}"
-    with instrument() as rec:
-        rec.before_fit.extend(before_fit)
+    rec = Instruments(before_fit=list(before_fit))
+    RECORDING.append(rec)
+    try:
         results = kdlab_run_pipeline(cfg, run_dir, overrides)
+    finally:
+        RECORDING.remove(rec)
+    rec.stage_seconds = {s["name"]: s["stage_seconds"] for s in results["stages"] if not s["cached"]}
     shutil.rmtree(run_dir, ignore_errors=True)
     return results, rec
 

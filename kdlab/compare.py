@@ -294,6 +294,8 @@ def pct_pm(mean: float | None, std: float | None) -> str:
 
 
 def fmt_params(n: float | None) -> str:
+    # not Lightning's get_human_readable_count: importing it loads all of pytorch_lightning (~5 s), which
+    # `python -m kdlab.compare` otherwise never needs
     if n is None:
         return "-"
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(int(n))

@@ -1,12 +1,23 @@
-"""Experiment loggers for one stage: W&B (offline unless a key or WANDB_MODE=online says otherwise),
-CSV alongside, optional TensorBoard. ``logger=none`` turns them all off."""
+"""Experiment loggers for one stage, instantiated from ``conf/logger`` (Hydra ``_target_``).
+
+``logger`` holds named entries; each non-null entry is a Lightning logger config. For every stage kdlab
+instantiates each entry with ``save_dir`` (the entry's own, relative to the run directory; default: the
+entry's name) and ``name`` (the stage's name); a logger class that takes a ``stage`` argument
+(:class:`StageWandbLogger`) also gets the stage's description, the run's W&B group and the config to log.
+``logger=none`` has no entries. Add one from the command line, e.g.
+``+logger.mlflow._target_=pytorch_lightning.loggers.MLFlowLogger``.
+"""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers import CSVLogger, Logger
+from hydra.utils import get_class, instantiate
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+from kdlab.errors import ConfigError
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -18,31 +29,62 @@ def wandb_mode(requested: str | None) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def build_loggers(cfg: dict[str, Any], run_dir: Path, stage: dict[str, Any], group: str,
+class StageWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, one W&B run per stage: offline unless a key or ``WANDB_MODE=online`` says
+    otherwise (``mode: auto``), grouped by run, the job type the stage's role, tagged with the method, the
+    data set and the architecture."""
+
+    def __init__(self, save_dir: str, name: str, stage: dict[str, Any], group: str, run_config: dict[str, Any],
+                 project: str = "kdlab", entity: str | None = None, mode: str | None = "auto",
+                 tags: list[str] | None = None, **kwargs: Any):
+        mode = wandb_mode(mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        super().__init__(
+            project=project, entity=entity, group=group, job_type=stage["role"], name=f"{group}/{name}",
+            tags=[t for t in (stage.get("method"), stage.get("dataset"), stage.get("arch"), *(tags or [])) if t],
+            config=run_config, save_dir=save_dir, offline=(mode == "offline"),
+            mode=mode if mode in ("online", "offline", "disabled") else None, reinit="finish_previous", **kwargs)
+        # Lightning always passes `anonymous`, which wandb >= 0.19 warns about on every run; it has no effect.
+        getattr(self, "_wandb_init", {}).pop("anonymous", None)
+
+
+def logger_entries(cfg: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The non-null entries of ``logger``, each checked to name an importable logger class (a ConfigError
+    otherwise, before anything trains)."""
+    out: dict[str, dict[str, Any]] = {}
+    for entry, node in (cfg or {}).items():
+        if node is None or node is False:
+            continue
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(f"logger.{entry} must be a logger config with a _target_ (e.g. "
+                              f"pytorch_lightning.loggers.CSVLogger) or null, got {node!r}")
+        try:
+            cls = get_class(str(node["_target_"]))
+        except Exception as e:
+            raise ConfigError(f"logger.{entry}._target_ {node['_target_']!r} cannot be imported: "
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
+        if not (isinstance(cls, type) and issubclass(cls, Logger)):
+            raise ConfigError(f"logger.{entry}._target_ {node['_target_']!r} is not a Lightning logger")
+        out[entry] = dict(node)
+    return out
+
+
+def build_loggers(cfg: dict[str, Any] | None, run_dir: Path, stage: dict[str, Any], group: str,
                   wandb_config: dict[str, Any]) -> list[Logger]:
     loggers: list[Logger] = []
-    if cfg.get("csv"):
-        loggers.append(CSVLogger(save_dir=str(run_dir / "csv"), name=stage["name"], version=""))
-    if cfg.get("tensorboard"):
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir / "tensorboard"), name=stage["name"], version=""))
-    w = cfg.get("wandb")
-    if w:
-        from pytorch_lightning.loggers import WandbLogger
-
-        mode = wandb_mode(w.get("mode"))
-        os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(WandbLogger(
-            project=w.get("project", "kdlab"), entity=w.get("entity"), group=group,
-            job_type=stage["role"], name=f"{group}/{stage['name']}",
-            tags=[t for t in (stage.get("method"), stage.get("dataset"), stage.get("arch"), *(w.get("tags") or []))
-                  if t],
-            config=wandb_config, save_dir=str(run_dir), offline=(mode == "offline"),
-            mode=mode if mode in ("online", "offline", "disabled") else None, reinit="finish_previous",
-        ))
-        # Lightning always passes `anonymous`, which wandb >= 0.19 warns about on every run; it has no effect.
-        getattr(loggers[-1], "_wandb_init", {}).pop("anonymous", None)
+    for entry, node in logger_entries(cfg).items():
+        save = Path(str(node.pop("save_dir", entry)))
+        kwargs: dict[str, Any] = {"save_dir": str(save if save.is_absolute() else run_dir / save),
+                                  "name": stage["name"]}
+        if "stage" in inspect.signature(get_class(str(node["_target_"]))).parameters:
+            kwargs.update(stage=stage, group=group, run_config=wandb_config)
+        try:
+            # partial, then called: the stage values reach the logger as they are (not as Hydra config nodes)
+            loggers.append(instantiate(node, _partial_=True, _convert_="all")(**kwargs))
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise ConfigError(f"logger.{entry}: {(str(cause).strip().splitlines() or [type(cause).__name__])[0]}"
+                              ) from e
     return loggers
 
 
@@ -51,7 +93,7 @@ def finish_loggers(loggers: list[Logger], status: str = "success") -> None:
     next stage starts."""
     for lg in loggers:
         lg.finalize(status)
-        if type(lg).__name__ == "WandbLogger":
+        if isinstance(lg, WandbLogger):
             run = getattr(lg, "_experiment", None)  # never start a run just to finish it
             if run is not None and hasattr(run, "finish"):
                 run.finish(exit_code=0 if status == "success" else 1)

@@ -64,9 +64,21 @@ class KdDataModule(pl.LightningDataModule):
         """True when a training batch depends only on the order (no random augmentation)."""
         return self.augment == "none"
 
+    def split_size(self, split: str) -> int:
+        """Samples in ``split`` (train | val | test)."""
+        raise NotImplementedError
+
     @property
     def train_size(self) -> int:
-        raise NotImplementedError
+        return self.split_size("train")
+
+    @property
+    def val_size(self) -> int:
+        return self.split_size("val")
+
+    @property
+    def test_size(self) -> int:
+        return self.split_size("test")
 
     def to_device(self, device: torch.device | str) -> KdDataModule:
         return self
@@ -194,17 +206,8 @@ class TensorDataModule(KdDataModule):
         """Normalization (mean, std) in [0, 1] units; the data set's standard values by default."""
         return self.default_mean, self.default_std
 
-    @property
-    def train_size(self) -> int:
-        return len(self.train_images)
-
-    @property
-    def val_size(self) -> int:
-        return len(self.val_images)
-
-    @property
-    def test_size(self) -> int:
-        return len(self.test_images)
+    def split_size(self, split: str) -> int:
+        return len(getattr(self, f"{split}_images"))
 
     @property
     def device(self) -> torch.device:

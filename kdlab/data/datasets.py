@@ -70,9 +70,7 @@ class _CifarDataModule(TensorDataModule):
     names_key = ""
     label_key = ""
     n_classes = 0
-
-    def _torchvision_class(self):
-        raise NotImplementedError
+    torchvision_class = ""  # the torchvision.datasets class that downloads it (data.download=true)
 
     def _candidates(self, root: Path) -> list[Path]:
         return [root / self.folder, root]
@@ -102,7 +100,9 @@ class _CifarDataModule(TensorDataModule):
     def prepare_data(self) -> None:
         root = _root(self.cfg)
         if self._find(root) is None and self.cfg["download"]:
-            cls = self._torchvision_class()
+            import torchvision.datasets
+
+            cls = getattr(torchvision.datasets, self.torchvision_class)
             _torchvision_download(self.name, root, lambda r: cls(r, train=True, download=True))
 
     def read(self) -> RawSplits:
@@ -129,42 +129,20 @@ class _CifarDataModule(TensorDataModule):
 
 @DATASETS.register("cifar10")
 class Cifar10DataModule(_CifarDataModule):
-    name = "cifar10"
-    folder = "cifar-10-batches-py"
-    archive = "cifar-10-python.tar.gz"
-    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
-    test_files = ("test_batch",)
-    meta_file = "batches.meta"
-    names_key = "label_names"
-    label_key = "labels"
-    n_classes = 10
-    default_mean = (0.4914, 0.4822, 0.4465)
-    default_std = (0.2470, 0.2435, 0.2616)
-
-    def _torchvision_class(self):
-        from torchvision.datasets import CIFAR10
-
-        return CIFAR10
+    name, folder, archive = "cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz"
+    train_files, test_files = tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",)
+    meta_file, names_key, label_key, n_classes = "batches.meta", "label_names", "labels", 10
+    default_mean, default_std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    torchvision_class = "CIFAR10"
 
 
 @DATASETS.register("cifar100")
 class Cifar100DataModule(_CifarDataModule):
-    name = "cifar100"
-    folder = "cifar-100-python"
-    archive = "cifar-100-python.tar.gz"
-    train_files = ("train",)
-    test_files = ("test",)
-    meta_file = "meta"
-    names_key = "fine_label_names"
-    label_key = "fine_labels"
-    n_classes = 100
-    default_mean = (0.5071, 0.4865, 0.4409)
-    default_std = (0.2673, 0.2564, 0.2762)
-
-    def _torchvision_class(self):
-        from torchvision.datasets import CIFAR100
-
-        return CIFAR100
+    name, folder, archive = "cifar100", "cifar-100-python", "cifar-100-python.tar.gz"
+    train_files, test_files = ("train",), ("test",)
+    meta_file, names_key, label_key, n_classes = "meta", "fine_label_names", "fine_labels", 100
+    default_mean, default_std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    torchvision_class = "CIFAR100"
 
 
 # ---- Fashion-MNIST -------------------------------------------------------------------------------

@@ -165,17 +165,8 @@ class ImageFolderDataModule(KdDataModule):
     def train_eval_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, self.batch_size_eval, train=False, shard=False)
 
-    @property
-    def train_size(self) -> int:
-        return len(self.train_samples)
-
-    @property
-    def val_size(self) -> int:
-        return len(self.val_samples)
-
-    @property
-    def test_size(self) -> int:
-        return len(self.test_samples)
+    def split_size(self, split: str) -> int:
+        return len(getattr(self, f"{split}_samples"))
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "pad": None}

@@ -8,10 +8,13 @@ translators) are ``nn.Module``s whose parameters train with the student but are 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdlab.distill.losses import KL_REDUCTIONS
@@ -26,6 +29,8 @@ STRATEGIES = Registry("distill strategy")
 class StudentOutput:
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: each sample's position in the training split (CRD's memory is indexed by it); None outside training
+    index: torch.Tensor | None = None
 
 
 @dataclass
@@ -43,6 +48,10 @@ class StrategyContext:
     num_classes: int
     student_feature_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     source_feature_shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    #: samples in the training split (the range of ``StudentOutput.index``); 0 when unknown
+    num_train: int = 0
+    #: the stage's epochs (a warm-up given in epochs becomes a fraction of ``progress``)
+    max_epochs: int = 1
 
 
 LossTerms = tuple[dict[str, torch.Tensor], dict[str, float]]
@@ -53,6 +62,83 @@ SHARED_OPTIONS: dict[str, Any] = {
     "kl_reduction": "batchmean", "label_smoothing": 0.0,
 }
 """The logit-KD keys of ``conf/distill/kd.yaml`` that the KD-family strategies read."""
+
+
+def check_choice(where: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
+    """``value`` as a string if it is one of ``choices``, else a ConfigError listing them."""
+    if str(value) not in choices:
+        raise ConfigError(f"unknown {where} {value!r}; known: {', '.join(choices)}")
+    return str(value)
+
+
+def check_number(where: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False) -> float:
+    """``value`` as a float if it is a number in [low, high] (``low_open``: (low, high]), else a ConfigError
+    naming the value and the accepted range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
+        hi = "" if high is None else f"<= {high:g}"
+        bound = " and ".join(b for b in (lo, hi) if b)
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where} must be {kind}{' ' + bound if bound else ''}, got {value!r}")
+    return float(value)
+
+
+def combine_sources(values: list[torch.Tensor], how: str) -> torch.Tensor | None:
+    """One loss from the per-source losses of the sources teaching the batch: their ``sum`` (DGKD's dense
+    guidance) or ``mean``; None when no source teaches it (the caller adds no term)."""
+    if not values:
+        return None
+    total = torch.stack([v.float() for v in values]).sum()
+    return total if how == "sum" else total / len(values)
+
+
+COMBINE = ("mean", "sum")
+
+
+def check_combine(where: str, block: Mapping[str, Any]) -> str:
+    """The block's ``combine`` (how the per-source losses combine: ``mean`` or ``sum``), else a ConfigError
+    naming ``<where>.combine`` and the known ways."""
+    return check_choice(f"{where}.combine", block["combine"], COMBINE)
+
+
+def check_flag(where: str, value: Any) -> bool:
+    """``value`` if it is a boolean (YAML ``true`` / ``false``), else a ConfigError naming it."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def check_block_keys(where: str, given: Any, known: Mapping[str, Any]) -> None:
+    """A ConfigError unless the block ``where`` (``given``) is a mapping whose keys are all in ``known``
+    (every unknown key named, then the known ones)."""
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{where} must be a mapping of options, got {given!r}")
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown {where} key(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+
+
+def combined_terms(ce: torch.Tensor, per_source: Iterable[dict[str, torch.Tensor]], names: Iterable[str],
+                   how: str) -> dict[str, torch.Tensor]:
+    """``{"ce": ce, name: combine_sources(the name's loss of every source, how)}`` for each of ``names``, in
+    order (a zero where no source teaches the batch); ``per_source``: each source's losses by name."""
+    per_term: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for losses in per_source:
+        for name, value in losses.items():
+            per_term[name].append(value)
+    terms = {"ce": ce}
+    for name, values in per_term.items():
+        value = combine_sources(values, how)
+        terms[name] = ce.new_zeros(()) if value is None else value
+    return terms
 
 
 def _in_unit_interval(value: Any) -> bool:
@@ -72,6 +158,9 @@ class Strategy(nn.Module):
     uses_sources = True
     #: the keys of ``distill`` this strategy reads, with their defaults
     options: ClassVar[dict[str, Any]] = SHARED_OPTIONS
+    #: keys added after stages were stored: hashed only when set away from their default, so that the
+    #: store keys of stages trained before the key existed stay valid
+    late_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
         super().__init__()
@@ -97,6 +186,10 @@ class Strategy(nn.Module):
                 given = dict(value or {})
                 value = {k: given.get(k, v) for k, v in default.items()}
             out[key] = copy.deepcopy(value)
+        for key, default in cls.late_options.items():
+            value = cfg.get(key, default)
+            if value != default:
+                out[key] = copy.deepcopy(value)
         return out
 
     @classmethod
@@ -147,6 +240,49 @@ class Strategy(nn.Module):
     def extra_parameters(self) -> int:
         """Trainable parameters that live in the strategy (discarded after training)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def ce_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``logits`` (in their dtype) with the labels, ``distill.label_smoothing`` applied."""
+        return F.cross_entropy(logits, y, label_smoothing=float(self.cfg.get("label_smoothing", 0.0)))
+
+
+class BlockStrategy(Strategy):
+    """A method whose own options live in one block named after it, ``distill.<name>``, with the defaults
+    ``options[name]``. :meth:`check` runs the shared checks, rejects keys the block does not declare
+    (:meth:`check_keys`), then checks the block's values (:meth:`check_options`)."""
+
+    name = "block"
+
+    def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
+        super().__init__(cfg, ctx)
+        #: the block, defaults filled in
+        self.opts = self.block(cfg)
+        self.combine = str(self.opts["combine"])
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return cls.options[cls.name]
+
+    @classmethod
+    def block(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The method's block, defaults filled in."""
+        return {**cls.defaults(), **dict(cfg.get(cls.name) or {})}
+
+    @classmethod
+    def check(cls, cfg: dict[str, Any], where: str = "distill") -> None:
+        super().check(cfg, where)
+        w = f"{where}.{cls.name}"
+        cls.check_keys(cfg.get(cls.name) or {}, w)
+        cls.check_options(cls.block(cfg), w)
+
+    @classmethod
+    def check_keys(cls, given: Any, where: str) -> None:
+        """The block ``where`` as given is a mapping of declared keys."""
+        check_block_keys(where, given, cls.defaults())
+
+    @classmethod
+    def check_options(cls, block: dict[str, Any], where: str) -> None:
+        """The values of the block (``where`` is ``distill.<name>``), defaults filled in."""
 
 
 def strategy_class(cfg: dict[str, Any]) -> type[Strategy]:

@@ -101,7 +101,8 @@ class DistillModule(SupervisedModule):
         names = self.selector.kept(self.global_step) if self.selector is not None else self.bank.names
         outs = self.bank.outputs(names, x, idx)
         self.accumulate("train/sources_kept", float(len(names)), y.shape[0])
-        terms, weights = self.strategy.loss_terms(StudentOutput(logits, feats), outs, y, self.progress())
+        terms, weights = self.strategy.loss_terms(StudentOutput(logits, feats, idx), outs, y,
+                                                      self.progress())
         return logits, terms, weights
 
     def extra_parameters(self) -> int:

@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from kdlab.callbacks import build_callbacks, has_progress_bar
 from kdlab.distill import STRATEGIES, SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.errors import ConfigError
 from kdlab.fileio import sha256_file
+from kdlab.loggers import logger_entries
 from kdlab.models import build_model, feature_shapes
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.pipeline.context import RunContext
@@ -26,7 +29,7 @@ from kdlab.store import StageRecord
 NON_SEMANTIC_TRAINER_KEYS = {
     "accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar", "log_every_n_steps",
     "enable_model_summary", "benchmark", "default_root_dir", "max_epochs", "num_sanity_val_steps",
-    "enable_checkpointing", "logger", "callbacks", "sync_batchnorm",
+    "enable_checkpointing", "logger", "callbacks", "sync_batchnorm", "_target_",
 }
 
 
@@ -73,13 +76,23 @@ def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) 
     return desc
 
 
-def trainer_kwargs(ctx: RunContext, spec: StageSpec) -> dict[str, Any]:
-    kw = {k: v for k, v in (ctx.cfg.get("trainer") or {}).items()}
-    kw["max_epochs"] = spec.max_epochs
-    kw["precision"] = resolve_precision(kw.get("precision", "auto"), compute_device(ctx))
-    kw.setdefault("num_sanity_val_steps", 0)
-    kw.setdefault("enable_model_summary", False)
-    return kw
+def make_trainer(ctx: RunContext, spec: StageSpec, **runtime: Any) -> pl.Trainer:
+    """The stage's Trainer, instantiated from ``trainer`` (``_target_``, default pytorch_lightning.Trainer)
+    with the stage's epochs and resolved precision; ``runtime`` adds callbacks, loggers and the like.
+    Arguments the Trainer rejects (trainer.* settings) are a config error."""
+    node = dict(ctx.cfg.get("trainer") or {})
+    node.setdefault("_target_", "pytorch_lightning.Trainer")
+    node["max_epochs"] = spec.max_epochs
+    node["precision"] = resolve_precision(node.get("precision", "auto"), compute_device(ctx))
+    node.setdefault("num_sanity_val_steps", 0)
+    node.setdefault("enable_model_summary", False)
+    try:
+        # _partial_: the callbacks and loggers are passed as they are (Hydra would copy them into its config)
+        return instantiate(node, _partial_=True)(**runtime)
+    except (TypeError, ValueError, ImportError, MisconfigurationException, InstantiationException) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ConfigError(f"invalid trainer settings: {reason}") from e
 
 
 def load_source(spec: StageSpec, record: StageRecord, ctx: RunContext) -> nn.Module:
@@ -122,17 +135,9 @@ def stage_strategy(spec: StageSpec, model: nn.Module, source_models: dict[str, n
         student_feature_shapes=feature_shapes(model, s_taps, shape) if s_taps else {},
         source_feature_shapes={n: feature_shapes(m, t_taps, shape) for n, m in source_models.items()}
         if t_taps else {},
+        num_train=int(ctx.dm.train_size), max_epochs=int(spec.max_epochs),
     )
     return build_strategy(spec.distill, sctx), t_taps
-
-
-def make_trainer(**kwargs: Any) -> pl.Trainer:
-    """A Lightning Trainer; arguments it rejects (trainer.* settings) are a config error."""
-    try:
-        return pl.Trainer(**kwargs)
-    except (TypeError, ValueError, ImportError, MisconfigurationException) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"invalid trainer settings: {reason}") from e
 
 
 def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
@@ -150,7 +155,9 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
                 raise ConfigError(f"stage {spec.name!r}: bad {what} config: {reason}") from e
         if spec.sources and not spec.checkpoint:
             stage_strategy(spec, model, {n: build_stage_model(by_name[n], ctx.dm) for n in spec.sources}, ctx)
+    logger_entries(ctx.cfg.get("logger"))
+    callbacks = build_callbacks(ctx.cfg.get("callbacks"))
     if specs:
-        make_trainer(**trainer_kwargs(ctx, specs[0]), logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False)
+        make_trainer(ctx, specs[0], callbacks=callbacks, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=has_progress_bar(callbacks))
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = 1
 STAGE_FIELDS = ("params", "epochs", "best_epoch", "val_acc", "test_acc", "test_acc_last", "train_seconds",
-                "samples_per_second", "val_curve", "extra_params")
+                "samples_per_second", "val_curve", "extra_params", "stage_seconds")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

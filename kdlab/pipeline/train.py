@@ -10,8 +10,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from kdlab.callbacks import progress_callbacks
+from kdlab.callbacks import build_callbacks, has_progress_bar
 from kdlab.errors import ConfigError, StoreError, TrainingError, warn
 from kdlab.fileio import load_weights
 from kdlab.loggers import build_loggers, finish_loggers
@@ -21,7 +22,6 @@ from kdlab.pipeline.assemble import (
     build_stage_model,
     count_params,
     make_trainer,
-    trainer_kwargs,
 )
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.spec import StageSpec
@@ -57,6 +57,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
 
     ``resume``: "auto" looks for ``work/last.ckpt``; a path or None is rank 0's decision in a DDP run.
     """
+    t_stage = time.perf_counter()
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     # the stage's data order and augmentation follow from its own seed (in its key), not the run's: a stage
     # with a pinned seed trains the same whichever run trains it first
@@ -70,8 +71,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     work = ctx.store.work_dir(key)
     ckpt = ModelCheckpoint(dirpath=str(work), filename="best", monitor="val/acc", mode="max", save_last=True,
                            save_top_k=1, enable_version_counter=False)
-    progress, bar = progress_callbacks(str((ctx.cfg.get("callbacks") or {}).get("progress", "auto"))
-                                       if ctx.store.writer else "none", spec.name)  # DDP: rank 0 reports
+    callbacks = [ckpt, *build_callbacks(ctx.cfg.get("callbacks"))]  # progress: Lightning's bar is rank 0's
     stage_info = {"name": spec.name, "role": spec.role, "arch": spec.arch, "method": ctx.method,
                   "dataset": ctx.dataset}
     # trainable parameters outside the exported model (FEED's translators): logged, never saved with it
@@ -83,10 +83,10 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     loggers = build_loggers(ctx.cfg.get("logger") or {}, ctx.run_dir, stage_info, ctx.group, wandb_config) \
         if ctx.store.writer else []  # DDP: one W&B run / CSV log per stage, from rank 0
     for lg in loggers:  # W&B has them in its config; CSV / TensorBoard write them to hparams
-        if type(lg).__name__ != "WandbLogger":
+        if not isinstance(lg, WandbLogger):
             lg.log_hyperparams({"params": params, "extra_params": extra})
-    trainer = make_trainer(**trainer_kwargs(ctx, spec), callbacks=[ckpt, *progress], logger=loggers or False,
-                           enable_progress_bar=bar, default_root_dir=str(work))
+    trainer = make_trainer(ctx, spec, callbacks=callbacks, logger=loggers or False,
+                           enable_progress_bar=has_progress_bar(callbacks), default_root_dir=str(work))
     if resume == "auto":
         resume = resume_point(work, spec.name)
     if resume:
@@ -128,10 +128,12 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         "test_acc": test_best, "test_acc_last": test_last, "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(module.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
         "val_curve": curve, "description": description,
+        # the whole stage: model and sources built, caches loaded, fit, test passes (not the commit)
+        "stage_seconds": round(time.perf_counter() - t_stage, 3),
     }
     record = ctx.store.commit(key, best_state, meta)
-    csv_log = ctx.run_dir / "csv" / spec.name / "metrics.csv"
-    return record, {"csv_log": str(csv_log) if csv_log.exists() else None}
+    csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
+    return record, {"csv_log": str(csv_log) if csv_log is not None and csv_log.exists() else None}
 
 
 def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: dict[str, Any]) -> StageRecord:
@@ -160,8 +162,8 @@ def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: d
                               f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
     model.load_state_dict(state)
     module = build_module(spec, model, {}, ctx)
-    trainer = make_trainer(**{**trainer_kwargs(ctx, spec), "max_epochs": 1}, logger=False,
-                           enable_progress_bar=False, enable_checkpointing=False)
+    trainer = make_trainer(ctx, spec, max_epochs=1, logger=False, enable_progress_bar=False,
+                           enable_checkpointing=False)
     val = float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
     test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
     meta = {"name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": [],
