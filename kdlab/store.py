@@ -6,7 +6,9 @@ A finished stage lives in ``<store>/<key>/``:
     meta.json   its resolved stage config and metrics
     DONE        the completion marker, written last: JSON with the sha256 of model.pt and meta.json
     work/       Lightning checkpoints while it trains (used to resume after a crash; removed when done)
-    cache/      outputs of this stage as a frozen source (logits, features), each with a .sha256 beside it
+    cache/      outputs of this stage as a frozen source (logits, features), each with a .sha256 beside it;
+                with distill.cache=views: <data key>.views.json (the manifest, written last: shapes and
+                sha256 of every array) and <data key>.views.<i>.f16 (raw fp16 arrays, memory-mapped)
 
 Every file is written to a temporary name, fsynced and renamed (then the directory is fsynced), so a
 crash leaves either nothing or a whole file; the marker comes last, so a stage is done only when
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
@@ -56,6 +60,45 @@ def stage_key(spec: dict[str, Any]) -> str:
     """The store key of a stage: a hash of everything that determines its weights."""
     return hashlib.sha256(canonical_json({"store_schema": STORE_SCHEMA, **spec}).encode()).hexdigest()[:20]
 
+
+
+# -- view caches (distill.cache=views) -----------------------------------------------------------------
+VIEW_DTYPE = np.float16
+VIEW_SCHEMA = 1
+
+
+def view_cache_bytes(n: int, views: int, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Bytes on disk of ``n`` images x ``views`` views of arrays of these per-sample shapes (fp16)."""
+    per_view = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+    return int(n) * int(views) * per_view * np.dtype(VIEW_DTYPE).itemsize
+
+
+class ViewCache:
+    """A frozen source's outputs for every (training image, view): fp16 arrays of shape (N, V, ...),
+    memory-mapped from disk (RAM holds only the pages a lookup touches).
+
+    ``arrays`` maps ``logits`` and ``features/<tap>`` to them. ``lookup(idx, views)`` returns the rows of a
+    batch: image ``idx[b]`` under view ``views[b]`` (:class:`kdlab.data.augment.ViewSpace` ids)."""
+
+    def __init__(self, n: int, views: int, arrays: dict[str, np.ndarray], temp_dir: Path | None = None):
+        self.n, self.views, self.arrays = int(n), int(views), arrays
+        self._temp_dir = temp_dir  # a private copy (a read-only store): removed by close()
+
+    @property
+    def taps(self) -> list[str]:
+        return [k.split("/", 1)[1] for k in self.arrays if k.startswith("features/")]
+
+    def lookup(self, idx: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        i = idx.detach().to("cpu", torch.int64).numpy()
+        v = views.detach().to("cpu", torch.int64).numpy()
+        rows = {k: torch.from_numpy(np.ascontiguousarray(a[i, v])) for k, a in self.arrays.items()}
+        return rows["logits"], {k.split("/", 1)[1]: t for k, t in rows.items() if k != "logits"}
+
+    def close(self) -> None:
+        self.arrays = {}
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
 
 # -- the store -----------------------------------------------------------------------------------------
@@ -246,6 +289,94 @@ class StageStore:
             path.unlink(missing_ok=True)
             sums.unlink(missing_ok=True)
         return None
+
+    def view_manifest(self, key: str, data_key: str) -> Path:
+        return self.cache_dir(key) / f"{data_key}.views.json"
+
+    def has_view_cache(self, key: str, data_key: str) -> bool:
+        return self.view_manifest(key, data_key).exists()
+
+    def load_view_cache(self, key: str, data_key: str) -> ViewCache | None:
+        """A stored view cache, memory-mapped read-only, or None if absent or damaged (then it is recomputed:
+        a writer removes the damaged files). Every array is checked against its sha256 in the manifest."""
+        manifest = self.view_manifest(key, data_key)
+        if not manifest.exists():
+            return None
+        problem, arrays, n, views = None, {}, 0, 0
+        try:
+            m = json.loads(manifest.read_text())
+            n, views = int(m["n"]), int(m["views"])
+            for name, entry in m["arrays"].items():
+                path = manifest.parent / entry["file"]
+                shape = (n, views, *(int(d) for d in entry["shape"]))
+                if path.stat().st_size != view_cache_bytes(n, views, {name: tuple(entry["shape"])}):
+                    problem = f"{path.name} has the wrong size"
+                elif sha256_file(path) != entry["sha256"]:
+                    problem = f"{path.name} fails its checksum"
+                if problem:
+                    break
+                arrays[name] = np.memmap(path, dtype=VIEW_DTYPE, mode="r", shape=shape)
+            if problem is None and "logits" not in arrays:
+                problem = "the manifest lists no logits"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"unreadable ({type(e).__name__}: {e})"
+        if problem is None:
+            return ViewCache(n, views, arrays)
+        if self.writer:
+            warn(f"view cache {manifest}: {problem}; recomputing it")
+            self._drop_view_cache(key, data_key)
+        return None
+
+    def _drop_view_cache(self, key: str, data_key: str) -> None:
+        self.view_manifest(key, data_key).unlink(missing_ok=True)
+        for f in self.cache_dir(key).glob(f"{data_key}.views.*.f16"):
+            f.unlink(missing_ok=True)
+
+    def write_view_cache(self, key: str, data_key: str, n: int, views: int, shapes: dict[str, tuple[int, ...]],
+                         fill: Any) -> ViewCache:
+        """Allocate fp16 arrays (n * views, *shape) on disk, let ``fill(arrays)`` write them (in place, through
+        memory maps), then checksum them, move them into place and write the manifest last.
+
+        A read-only store (a DDP rank other than 0) writes into a private temporary directory instead, removed
+        when the cache is closed. A failed write (a full disk) leaves no manifest: a StoreError."""
+        temp_dir = None
+        if self.writer:
+            final_dir = self.cache_dir(key)
+            work = final_dir / f".{data_key}.views.tmp-{os.getpid()}"
+        else:
+            final_dir = work = temp_dir = Path(tempfile.mkdtemp(prefix="kdlab-views-"))
+        names = sorted(shapes, key=lambda k: (k != "logits", k))
+        files = {name: f"{data_key}.views.{i}.f16" for i, name in enumerate(names)}
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            arrays = {name: np.memmap(work / files[name], dtype=VIEW_DTYPE, mode="w+",
+                                      shape=(n * views, *shapes[name])) for name in names}
+            fill(arrays)
+            entries = {}
+            for name, a in arrays.items():
+                a.flush()
+                path = work / files[name]
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+                entries[name] = {"file": files[name], "shape": list(shapes[name]), "sha256": sha256_file(path)}
+            del arrays
+            if work != final_dir:
+                for name in names:
+                    os.replace(work / files[name], final_dir / files[name])
+                shutil.rmtree(work, ignore_errors=True)
+            if self.writer:
+                fileio.atomic_write_json(self.view_manifest(key, data_key),
+                                         {"schema": VIEW_SCHEMA, "n": n, "views": views, "dtype": "float16",
+                                          "arrays": entries})
+        except BaseException as e:
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise StoreError(f"cannot write the view cache of stage {key} to {str(final_dir)!r}: "
+                                 f"{e.strerror or e}") from e
+            raise
+        shape = {name: (n, views, *shapes[name]) for name in names}
+        return ViewCache(n, views, {name: np.memmap(final_dir / files[name], dtype=VIEW_DTYPE, mode="r",
+                                                    shape=shape[name]) for name in names}, temp_dir=temp_dir)
 
     def save_cache(self, key: str, data_key: str, payload: dict[str, Any]) -> None:
         if not self.writer:

@@ -111,6 +111,20 @@ def test_knobs(bench, monkeypatch):
             assert 0.0 <= r["test_acc"] <= 1.0
 
 
+def test_method_cost(bench):
+    """Each method's student stage is trained (not reused) and its cost is KD's rate over its own."""
+    _, o = bench
+    import bench_methods
+
+    result = bench_methods.run(o)
+    figs = _figures(result)
+    runs = result["details"]["runs"]
+    assert len(figs) == 2 and {"kd", "kd (again)"} <= set(runs)
+    for key, f in figs.items():
+        method = key.removeprefix("g_")
+        assert f["value"] == round(result["details"]["kd_samples_per_second"] / runs[method]["samples_per_second"], 3)
+
+
 def test_orchestrator_data_benchmark(bench, monkeypatch, tmp_path):
     _, o = bench
     import run as bench_run

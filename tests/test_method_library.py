@@ -20,8 +20,8 @@ METHODS = {"dkd": ["tckd", "nckd"], "dist": ["inter", "intra"], "fitnet": ["fitn
            "pkt": ["pkt"], "rkd": ["rkd_dist", "rkd_angle"], "crd": ["crd"], "reviewkd": ["reviewkd"]}
 TRAINABLE = {"fitnet", "crd", "reviewkd"}  # regressors / embeddings / fusion: extra_params > 0
 TINY = ["preset=none", "data=synthetic", "data.n_train=192", "data.n_test=64", "data.batch_size=64",
-        "logger=csv", "callbacks.progress=none", "trainer.max_epochs=1", "optimizer.lr=0.01",
-        "pipeline=dense", "pipeline.chain=[plain6,plain4,plain2]"]
+        "logger=csv", "callbacks.progress=none", "trainer.max_epochs=1", "optimizer.lr=0.01"]
+DENSE = ["pipeline=dense", "pipeline.chain=[plain6,plain4,plain2]"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def header(path: str) -> list[str]:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_under_dense_guidance(method, store, tmp_path):
-    cfg = compose_dictconfig(*TINY, f"distill={method}", f"paths.store_dir={store}")
+    cfg = compose_dictconfig(*TINY, *DENSE, f"distill={method}", f"paths.store_dir={store}")
     results = run_pipeline(cfg, tmp_path / "run")
     assert results["status"] == "completed"
     _, ta, student = results["stages"]
@@ -55,7 +55,7 @@ def test_method_under_dense_guidance(method, store, tmp_path):
 
 def test_feature_method_with_cache_and_stochastic_teaching(store, tmp_path):
     """A feature method reads its taps from the source-output cache, and drops sources like DGKD does."""
-    cfg = compose_dictconfig(*TINY, "distill=at", "distill.cache=on", "distill.stochastic.mode=drop_k",
+    cfg = compose_dictconfig(*TINY, *DENSE, "distill=at", "distill.cache=on", "distill.stochastic.mode=drop_k",
                              "distill.stochastic.k=1", f"paths.store_dir={store}")
     results = run_pipeline(cfg, tmp_path / "run")
     assert results["status"] == "completed"
@@ -77,3 +77,19 @@ def test_every_strategy_has_its_yaml_docs_and_test():
         assert f'"{name}"' in tests or f"distill={name}" in tests, f"no test names strategy {name!r}"
     assert set(METHODS) <= set(STRATEGIES.names())
     assert len(set(STRATEGIES.names()) - {"ce", "kd", "dgkd", "feed"}) >= 9
+
+
+@pytest.mark.parametrize("method,pipeline", [
+    ("at", ["pipeline=feed_parallel", "pipeline.ensemble=2", "pipeline.chain=[plain4,plain2]"]),  # an ensemble
+    ("crd", ["pipeline=pacemaker", "pipeline.teacher_model.arch=resnet8", "pipeline.pacemaker=nxn",
+             "pipeline.pacemakers.nxn.arch=resnet8", "pipeline.student_model.arch=resnet8"]),  # 1xN student
+    ("dkd", ["pipeline=sequential", "pipeline.chain=[plain6,plain4,plain2]"]),  # a TA chain
+])
+def test_method_under_other_topologies(method, pipeline, tmp_path):
+    cfg = compose_dictconfig(*TINY, f"distill={method}", *pipeline, f"paths.store_dir={tmp_path / 'store'}")
+    results = run_pipeline(cfg, tmp_path / "run")
+    assert results["status"] == "completed"
+    student = results["stages"][-1]
+    assert len(student["sources"]) == (1 if pipeline[0] == "pipeline=sequential" else 2)
+    cols = header(student["csv_log"])
+    assert all(f"train/loss_{t}" in cols for t in METHODS[method])

@@ -7,6 +7,7 @@ loader can draw a whole epoch's parameters from one seeded generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,51 @@ def random_crop_flip_params(
         offsets = (o[0], o[1])
     mask = torch.rand(n, generator=generator) < 0.5 if flip else None
     return offsets, mask
+
+
+@dataclass(frozen=True)
+class ViewSpace:
+    """The finite set of views the batched augmentation draws from, each named by an int64 id.
+
+    A view is a crop offset (oy, ox), each in [0, 2 * pad] (only with ``crop``), and a flip bit; its id is
+    ``(oy * side + ox) * 2 + flip`` with ``side = 2 * pad + 1`` (``side = 1`` without crop: the id is the
+    flip bit). ``count`` ids in all: (2p + 1)^2 x 2 for crop_flip (162 for p = 4), 2 for flip.
+    """
+
+    pad: int
+    crop: bool
+
+    @property
+    def side(self) -> int:
+        return 2 * self.pad + 1 if self.crop else 1
+
+    @property
+    def count(self) -> int:
+        return self.side * self.side * 2
+
+    def encode(self, offsets: tuple[torch.Tensor, torch.Tensor] | None, flip: torch.Tensor) -> torch.Tensor:
+        """View ids of the parameters :func:`random_crop_flip_params` drew."""
+        f = flip.long()
+        if offsets is None:
+            return f
+        return (offsets[0] * self.side + offsets[1]) * 2 + f
+
+    def decode(self, views: torch.Tensor
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+        """(offsets or None, flip mask) of view ids: the arguments of :func:`crop_flip`."""
+        flip = (views % 2).bool()
+        if not self.crop:
+            return None, flip
+        cell = views // 2
+        return (cell // self.side, cell % self.side), flip
+
+
+def view_space(augment: str, pad: int) -> ViewSpace | None:
+    """The views of the batched ``augment`` (None for ``none``: one view per image)."""
+    check_augment(augment)
+    if augment == "none":
+        return None
+    return ViewSpace(pad=int(pad) if augment == "crop_flip" else 0, crop=augment == "crop_flip" and pad > 0)
 
 
 class Normalizer:

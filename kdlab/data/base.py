@@ -10,7 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from kdlab.data.augment import Normalizer
+from kdlab.data.augment import Normalizer, ViewSpace, view_space
 from kdlab.data.loader import TensorLoader
 from kdlab.data.splits import take_subset, train_val_split
 from kdlab.errors import ConfigError, DataError
@@ -27,6 +27,8 @@ class KdDataModule(pl.LightningDataModule):
     """
 
     name: str = ""
+    #: training batches carry the view id of each sample (x, y, idx, view): set for distill.cache=views
+    train_views: bool = False
     default_mean: tuple[float, ...] = ()
     default_std: tuple[float, ...] = ()
 
@@ -63,6 +65,11 @@ class KdDataModule(pl.LightningDataModule):
     def deterministic_train(self) -> bool:
         """True when a training batch depends only on the order (no random augmentation)."""
         return self.augment == "none"
+
+    def view_space(self) -> ViewSpace | None:
+        """The finite views of the training augmentation, or None where there are none to enumerate (no
+        augmentation, or one drawn per sample by a worker, like a random-resized crop)."""
+        return None
 
     def split_size(self, split: str) -> int:
         """Samples in ``split`` (train | val | test)."""
@@ -209,6 +216,9 @@ class TensorDataModule(KdDataModule):
     def split_size(self, split: str) -> int:
         return len(getattr(self, f"{split}_images"))
 
+    def view_space(self) -> ViewSpace | None:
+        return view_space(self.augment, self.pad)
+
     @property
     def device(self) -> torch.device:
         return self.train_images.device
@@ -236,7 +246,7 @@ class TensorDataModule(KdDataModule):
         return TensorLoader(
             images, labels, batch_size, self.normalizer,
             augment=self.augment if train else "none", pad=self.pad, shuffle=train, seed=self.seed,
-            rank=rank, world_size=world, even_shards=train,
+            rank=rank, world_size=world, even_shards=train, views=train and self.train_views,
         )
 
     def train_dataloader(self) -> TensorLoader:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
-from kdlab.data.augment import Normalizer, check_augment, crop_flip, random_crop_flip_params
+from kdlab.data.augment import Normalizer, check_augment, crop_flip, random_crop_flip_params, view_space
 from kdlab.errors import DataError
 
 
@@ -126,6 +126,7 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         even_shards: bool = True,
+        views: bool = False,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -137,6 +138,9 @@ class TensorLoader:
         self.augment = check_augment(augment)
         self.pad = int(pad)
         self.seed = int(seed)
+        self.views = view_space(self.augment, self.pad) if views else None
+        if views and self.views is None:
+            raise ValueError("a loader reports views only with augmentation (augment=flip or crop_flip)")
         self.sampler = EpochSampler(len(images), shuffle, seed, rank, world_size, pad=even_shards)
         # Lightning inspects these like a DataLoader's; there is no batch sampler
         self.batch_sampler = None
@@ -144,7 +148,7 @@ class TensorLoader:
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # A generator: the epoch is read at the first next(), not at iter(). Lightning creates its
         # iterators before calling set_epoch, so reading it eagerly would replay an order.
         epoch, order = self.sampler.next_order()
@@ -160,9 +164,10 @@ class TensorLoader:
             offsets = (offsets[0].to(device), offsets[1].to(device))
         if flip is not None:
             flip = flip.to(device)
-        yield from self._batches(order, offsets, flip)
+        views = self.views.encode(offsets, flip) if self.views is not None else None
+        yield from self._batches(order, offsets, flip, views)
 
-    def _batches(self, order, offsets, flip):
+    def _batches(self, order, offsets, flip, views=None):
         bs = self.batch_size
         for start in range(0, len(order), bs):
             idx = order[start : start + bs]
@@ -174,4 +179,7 @@ class TensorLoader:
                     None if offsets is None else (offsets[0][start : start + bs], offsets[1][start : start + bs]),
                     None if flip is None else flip[start : start + bs],
                 )
-            yield self.normalizer(x), self.labels[idx], idx
+            if views is None:
+                yield self.normalizer(x), self.labels[idx], idx
+            else:
+                yield self.normalizer(x), self.labels[idx], idx, views[start : start + bs]

@@ -2,7 +2,8 @@
 
 The sources are not submodules: they stay out of the student's checkpoints, Lightning never switches
 them to train mode, and they run under ``torch.inference_mode``. With a source-output cache their
-outputs for the (deterministic) training set come from memory instead of a forward pass.
+outputs for the (deterministic) training set come from memory instead of a forward pass; with a view cache
+(``distill.cache=views``) the outputs of the exact augmented view of each sample come from disk.
 """
 from __future__ import annotations
 
@@ -28,14 +29,18 @@ class SourceBank:
     """The frozen sources of one stage, their feature taps, and (optionally) their cached outputs.
 
     ``cache[name]`` holds ``{"logits": (N, K) fp16, "features": {tap: (N, ...) fp16}}`` for the training
-    split in data-set order, looked up by the batch's sample indices.
+    split in data-set order, looked up by the batch's sample indices. ``views[name]`` (a
+    :class:`kdlab.store.ViewCache`) holds the outputs for every (sample, view) of the augmented training split,
+    looked up by the batch's sample indices and view ids; it stays memory-mapped on the CPU.
     """
 
     def __init__(self, sources: dict[str, nn.Module], taps: list[str] | None = None,
-                 cache: dict[str, dict[str, Any]] | None = None, channels_last: bool = False):
+                 cache: dict[str, dict[str, Any]] | None = None, channels_last: bool = False,
+                 views: dict[str, Any] | None = None):
         self.models = {name: freeze(m) for name, m in sources.items()}
         self.taps = list(taps or [])
         self.cache = cache or {}
+        self.views = views or {}
         self.channels_last = channels_last
         self._hooks = {name: FeatureTaps(m, self.taps) for name, m in self.models.items()} if self.taps else {}
         self.forward_calls = {name: 0 for name in self.models}  # for tests and benchmarks
@@ -56,9 +61,15 @@ class SourceBank:
         return self
 
     def outputs(self, names: list[str], x: torch.Tensor, idx: torch.Tensor | None,
-                train: bool = True) -> dict[str, SourceOutput]:
+                train: bool = True, views: torch.Tensor | None = None) -> dict[str, SourceOutput]:
         out: dict[str, SourceOutput] = {}
         for name in names:
+            table = self.views.get(name) if train else None
+            if table is not None and idx is not None and views is not None:
+                logits, feats = table.lookup(idx, views)
+                out[name] = SourceOutput(logits.to(x.device).float(),
+                                         {k: v.to(x.device).float() for k, v in feats.items()})
+                continue
             cached = self.cache.get(name) if train else None
             if cached is not None and idx is not None:
                 ix = idx.to(cached["logits"].device)
@@ -77,6 +88,8 @@ class SourceBank:
     def close(self) -> None:
         for hooks in self._hooks.values():
             hooks.remove()
+        for table in self.views.values():
+            table.close()
 
 
 class DistillModule(SupervisedModule):
@@ -95,11 +108,11 @@ class DistillModule(SupervisedModule):
         super().on_fit_start()
         self.bank.to(self.device)
 
-    def compute_terms(self, x, y, idx):
+    def compute_terms(self, x, y, idx, views=None):
         logits = self.model(x)
         feats = dict(self._student_taps.features) if self._student_taps is not None else {}
         names = self.selector.kept(self.global_step) if self.selector is not None else self.bank.names
-        outs = self.bank.outputs(names, x, idx)
+        outs = self.bank.outputs(names, x, idx, views=views)
         self.accumulate("train/sources_kept", float(len(names)), y.shape[0])
         terms, weights = self.strategy.loss_terms(StudentOutput(logits, feats, idx), outs, y,
                                                       self.progress())

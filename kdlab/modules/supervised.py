@@ -89,16 +89,16 @@ class SupervisedModule(pl.LightningModule):
         return min(self.global_step / max(total - 1, 1), 1.0)
 
     # -- training -----------------------------------------------------------------------------------
-    def compute_terms(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+    def compute_terms(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, views: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
         logits = self.model(x)
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return logits, {"ce": ce}, {"ce": 1.0}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, idx = batch
+        x, y, idx, *rest = batch  # (x, y, idx) or, for view-cached sources, (x, y, idx, view)
         x = self._input(x)
-        logits, terms, weights = self.compute_terms(x, y, idx)
+        logits, terms, weights = self.compute_terms(x, y, idx, *rest)
         loss = sum(weights[name] * value for name, value in terms.items() if weights[name] != 0.0)
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             # every weight is zero, or every weighted term is a constant (e.g. no source taught the batch

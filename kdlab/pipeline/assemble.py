@@ -21,7 +21,13 @@ from kdlab.models import build_model, feature_shapes
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runtime import compute_device, resolve_precision
-from kdlab.pipeline.source_cache import cache_enabled, source_outputs_cache
+from kdlab.pipeline.source_cache import (
+    cache_enabled,
+    check_views,
+    source_outputs_cache,
+    source_view_cache,
+    views_enabled,
+)
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord
 
@@ -110,15 +116,19 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
               "max_epochs": spec.max_epochs, "stage": spec.name, "channels_last": channels_last,
               "label_smoothing": float(spec.distill.get("label_smoothing", 0.0)),
               "on_nan": str(ctx.cfg.get("on_nan", "stop"))}
+    ctx.dm.train_views = False  # training batches carry view ids only for a stage with view-cached sources
     if not sources:
         return SupervisedModule(model, **common)
     source_models = {name: load_source(s_spec, rec, ctx) for name, (s_spec, rec) in sources.items()}
     strategy, t_taps = stage_strategy(spec, model, source_models, ctx)
-    cache = None
-    if cache_enabled(ctx):
+    cache = views = None
+    if views_enabled(ctx):
+        views = {name: source_view_cache(ctx, rec, source_models[name], t_taps) for name, (_, rec) in sources.items()}
+        ctx.dm.train_views = True
+    elif cache_enabled(ctx):
         cache = {name: source_outputs_cache(ctx, rec, source_models[name], t_taps)
                  for name, (_, rec) in sources.items()}
-    bank = SourceBank(source_models, t_taps, cache, channels_last=channels_last)
+    bank = SourceBank(source_models, t_taps, cache, channels_last=channels_last, views=views)
     selector = None
     if spec.stochastic:
         selector = SourceSelector(list(sources), **spec.stochastic, seed=spec.seed, stage=spec.name)
@@ -155,6 +165,7 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
                 raise ConfigError(f"stage {spec.name!r}: bad {what} config: {reason}") from e
         if spec.sources and not spec.checkpoint:
             stage_strategy(spec, model, {n: build_stage_model(by_name[n], ctx.dm) for n in spec.sources}, ctx)
+    check_views(specs, ctx)  # distill.cache=views: enumerable views, and the disk holds them
     logger_entries(ctx.cfg.get("logger"))
     callbacks = build_callbacks(ctx.cfg.get("callbacks"))
     if specs:

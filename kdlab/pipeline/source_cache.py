@@ -1,9 +1,16 @@
 """The source-output cache: a frozen source's logits (and tapped features) on the training split,
-computed once per source and data, kept in the store."""
+computed once per source and data, kept in the store.
+
+``distill.cache=views`` (augmented training): the outputs for every (training image, crop offset, flip) of
+the batched augmentation, computed once in large inference batches into memory-mapped fp16 arrays
+(:class:`kdlab.store.ViewCache`); the training batches carry the view id of each sample, and the bank looks
+the outputs up by (idx, view)."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,21 +19,29 @@ from torch import nn
 from kdlab.errors import ConfigError
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runtime import autocast_dtype, compute_device
-from kdlab.store import StageRecord, canonical_json
+from kdlab.store import StageRecord, ViewCache, canonical_json, stage_key, view_cache_bytes
 
 log = logging.getLogger(__name__)
 
+CACHE_MODES = ("auto", "on", "off", "views")
+
+
+def cache_mode(ctx: RunContext) -> str:
+    mode = str((ctx.cfg.get("distill") or {}).get("cache", "auto"))
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"unknown distill.cache {mode!r}; known: {', '.join(CACHE_MODES)}")
+    return mode
+
 
 def cache_enabled(ctx: RunContext) -> bool:
-    mode = str((ctx.cfg.get("distill") or {}).get("cache", "auto"))
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"unknown distill.cache {mode!r}; known: auto, on, off")
-    if mode == "off":
+    """The per-image cache (auto / on with an unaugmented training set)."""
+    mode = cache_mode(ctx)
+    if mode in ("off", "views"):
         return False
     if not ctx.dm.deterministic_train:
         if mode == "on":
             log.warning("distill.cache=on needs a deterministic training transform (data.augment=none); "
-                        "the sources run live")
+                        "the sources run live (distill.cache=views caches every augmented view)")
         return False
     return True
 
@@ -60,3 +75,136 @@ def source_outputs_cache(ctx: RunContext, record: StageRecord, model: nn.Module,
     ctx.store.save_cache(record.key, data_key, payload)
     return payload
 
+
+
+# -- distill.cache=views ---------------------------------------------------------------------------------
+def require_view_space(dm: Any):
+    """The training augmentation's finite views, or a ConfigError saying why there are none to cache."""
+    augment = getattr(dm, "augment", "none")
+    if augment == "none":
+        raise ConfigError("distill.cache=views caches the views of an augmented training set, but "
+                          "data.augment=none has one view per image: use distill.cache=on (or auto)")
+    space = dm.view_space()
+    if space is None:
+        raise ConfigError(f"distill.cache=views needs enumerable views, but data={dm.name} with "
+                          f"data.augment={augment} draws its views per sample (e.g. random-resized crops): "
+                          f"use distill.cache=off")
+    return space
+
+
+def views_enabled(ctx: RunContext) -> bool:
+    if cache_mode(ctx) != "views":
+        return False
+    require_view_space(ctx.dm)
+    return True
+
+
+def view_data_key(ctx: RunContext, taps: list[str]) -> str:
+    """What a view cache depends on besides its source: the data (its fingerprint covers augment and pad),
+    the view space, the taps and the autocast dtype."""
+    space = require_view_space(ctx.dm)
+    dtype = autocast_dtype(ctx, compute_device(ctx))
+    ident = {"data": ctx.dm.fingerprint(), "taps": sorted(taps), "views": [space.pad, space.crop, space.count],
+             **({"autocast": str(dtype)} if dtype else {})}
+    return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
+
+
+def view_shapes(ctx: RunContext, model: nn.Module, taps: list[str]) -> dict[str, tuple[int, ...]]:
+    from kdlab.models import feature_shapes
+
+    dm = ctx.dm
+    shapes: dict[str, tuple[int, ...]] = {"logits": (int(dm.num_classes),)}
+    if taps:
+        got = feature_shapes(model, taps, (dm.in_channels, dm.image_size, dm.image_size))
+        shapes.update({f"features/{t}": tuple(got[t]) for t in taps})
+    return shapes
+
+
+def source_view_cache(ctx: RunContext, record: StageRecord, model: nn.Module, taps: list[str]) -> ViewCache:
+    """The outputs of a frozen source for every (training image, view), from the store or computed once."""
+    data_key = view_data_key(ctx, taps)
+    cached = ctx.store.load_view_cache(record.key, data_key)
+    if cached is not None:
+        return cached
+    space = require_view_space(ctx.dm)
+    n = int(ctx.dm.train_size)
+    shapes = view_shapes(ctx, model, taps)
+    log.info("view cache of source %s: %d images x %d views (%.1f MB), computed once", record.key, n,
+             space.count, view_cache_bytes(n, space.count, shapes) / 1e6)
+    return ctx.store.write_view_cache(record.key, data_key, n, space.count, shapes,
+                                      lambda arrays: compute_views(ctx, model, taps, space, arrays))
+
+
+def compute_views(ctx: RunContext, model: nn.Module, taps: list[str], space: Any,
+                  arrays: dict[str, Any]) -> None:
+    """Fill ``arrays`` ((N * V, ...) fp16, row i * V + v: image i under view v) in eval mode, inference mode,
+    under the stage's autocast, in batches of data.batch_size_eval (image-major, so rows are written in order)."""
+    from kdlab.data.augment import crop_flip
+    from kdlab.models import FeatureTaps
+
+    dm = ctx.dm
+    device = compute_device(ctx)
+    dtype = autocast_dtype(ctx, device)
+    images = dm.train_images
+    n, v_count = len(images), space.count
+    total, bs = n * v_count, int(dm.batch_size_eval)
+    model = model.to(device).eval()
+    hooks = FeatureTaps(model, taps) if taps else None
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                                                    enabled=dtype is not None):
+            for start in range(0, total, bs):
+                rows = torch.arange(start, min(start + bs, total))
+                i, v = rows // v_count, rows % v_count
+                offsets, flip = space.decode(v)
+                x = images[i.to(images.device)].to(device)
+                if offsets is not None:
+                    offsets = (offsets[0].to(device), offsets[1].to(device))
+                x = dm.normalizer(crop_flip(x, space.pad, offsets, flip.to(device)))
+                end = start + len(rows)
+                arrays["logits"][start:end] = model(x).half().cpu().numpy()
+                for t in taps:
+                    arrays[f"features/{t}"][start:end] = hooks.features[t].half().cpu().numpy()
+    finally:
+        if hooks is not None:
+            hooks.remove()
+
+
+def check_views(specs: list[Any], ctx: RunContext) -> None:
+    """Before anything trains (distill.cache=views): the data must have enumerable views, and the store's disk
+    must hold the view caches still to compute (one line naming the size needed and the free space)."""
+    if cache_mode(ctx) != "views":
+        return
+    space = require_view_space(ctx.dm)
+    if not ctx.store.writer:
+        return
+    from kdlab.distill import STRATEGIES
+    from kdlab.pipeline.assemble import build_stage_model, stage_description
+
+    by_name = {s.name: s for s in specs}
+    keys: dict[str, str] = {}
+    needed: dict[tuple[str, str], int] = {}
+    n = int(ctx.dm.train_size)
+    for spec in specs:
+        keys[spec.name] = stage_key(stage_description(spec, ctx, [keys[s] for s in spec.sources]))
+        if not spec.sources or spec.checkpoint:
+            continue
+        _, taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
+        data_key = view_data_key(ctx, taps)
+        for src in spec.sources:
+            item = (keys[src], data_key)
+            if item in needed or ctx.store.has_view_cache(*item):
+                continue
+            shapes = view_shapes(ctx, build_stage_model(by_name[src], ctx.dm), taps)
+            needed[item] = view_cache_bytes(n, space.count, shapes)
+    total = sum(needed.values())
+    if not total:
+        return
+    where = Path(ctx.store.root)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if total > free:
+        raise ConfigError(f"distill.cache=views needs {total / 1e9:.2f} GB for {len(needed)} source view cache(s) "
+                          f"({n} images x {space.count} views, fp16) but {str(ctx.store.root)!r} has "
+                          f"{free / 1e9:.2f} GB free: free space, move paths.store_dir, or use distill.cache=off")
