@@ -361,6 +361,7 @@ def test_cli_parallel_feed_with_logit_kd(tmp_path):
     assert f"extra_params: {student['extra_params']}" in hparams and f"params: {arch_params}" in hparams
 
 
+@pytest.mark.slow  # minutes of CLI runs: make test-slow (CI runs it)
 def test_cli_sequential_feed(tmp_path):
     run = tmp_path / "seq"
     r = run_kdlab(["+experiment=feed_sequential_fashion_mnist", *TINY], tmp_path / "out", run)

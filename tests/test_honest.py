@@ -65,6 +65,7 @@ def test_a_batch_with_no_source_under_lambda_one_still_backpropagates():
 
 
 # -- 2. a stage's data order follows its own seed ----------------------------------------------------------------
+@pytest.mark.slow  # minutes of CLI runs: make test-slow (CI runs it)
 def test_a_pinned_stage_trains_the_same_whichever_run_trains_it(tmp_path):
     """The same stage (pinned seed 0) trained first by a seed-1 job in one store and by a seed-0 job in
     another: one key, identical weights (before, the data order followed the run's seed)."""
@@ -202,6 +203,7 @@ def test_strategy_checks_run_from_the_strategy_before_any_data():
         validate_config(composed("distill.lam=2"))
 
 
+@pytest.mark.slow  # minutes of CLI runs: make test-slow (CI runs it)
 def test_cli_feed_beta_leaves_a_kd_student_cached(tmp_path):
     args = MIXED[1:] + ["data.n_train=320", "data.n_test=64", "trainer.max_epochs=1"]
     first = run_kdlab(args, tmp_path / "out", tmp_path / "r1")
@@ -224,6 +226,7 @@ def test_the_cpu_preset_follows_the_data_set():
     validate_config(syn)
 
 
+@pytest.mark.slow  # minutes of CLI runs: make test-slow (CI runs it)
 def test_cli_data_synthetic_runs_and_prints_what_it_resolved(tmp_path):
     r = run_kdlab(["data=synthetic", "data.n_train=640", "data.n_test=128"], tmp_path / "out", tmp_path / "run",
                   synth=False)
@@ -234,6 +237,7 @@ def test_cli_data_synthetic_runs_and_prints_what_it_resolved(tmp_path):
             "(teacher, ta1, ta2, ta3, student): epochs 2, lr 0.01") in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # minutes of CLI runs: make test-slow (CI runs it)
 def test_cli_cifar100_runs_on_the_full_data_set(tmp_path):
     from tests.test_data import write_cifar100
 

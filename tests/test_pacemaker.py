@@ -149,7 +149,8 @@ def test_any_strategy_per_edge():
         shape = (1, 28, 28)
         ctx = StrategyContext("student", spec.sources, 10,
                               feature_shapes(models["student"], s_taps, shape) if s_taps else {},
-                              {n: feature_shapes(models[n], t_taps, shape) for n in spec.sources} if t_taps else {})
+                              {n: feature_shapes(models[n], t_taps, shape) for n in spec.sources} if t_taps else {},
+                              num_train=64)  # CRD's memory is indexed by sample
         strategy = build_strategy(spec.distill, ctx)
         x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
         from kdlab.models import FeatureTaps
@@ -160,7 +161,8 @@ def test_any_strategy_per_edge():
                 outs[n] = SourceOutput(models[n](x), dict(taps.features))
         with FeatureTaps(models["student"], s_taps) as taps:
             logits = models["student"](x)
-            terms, weights = strategy.loss_terms(StudentOutput(logits, dict(taps.features)), outs, y, 0.0)
+            terms, weights = strategy.loss_terms(StudentOutput(logits, dict(taps.features), torch.arange(4)), outs,
+                                                 y, 0.0)
         total = sum(weights[k] * v for k, v in terms.items())
         assert torch.isfinite(total) and total.requires_grad, name
 

@@ -275,6 +275,7 @@ def fake_slurm(tmp_path: Path) -> dict[str, str]:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(tmp_path)}
 
 
+@pytest.mark.slow  # minutes of CLI runs: make test-slow (CI runs it)
 def test_slurm_preset_on_a_fake_cluster(tmp_path):
     """hydra/launcher=slurm through the real plugin and submitit: the sbatch script carries the preset's and
     the command line's settings; the jobs run, are collected and share their teacher."""
