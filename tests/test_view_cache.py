@@ -15,7 +15,7 @@ from kdlab.distill.base import StrategyContext, build_strategy
 from kdlab.errors import ConfigError
 from kdlab.models import FeatureTaps, build_model
 from kdlab.modules import DistillModule, SourceBank
-from kdlab.pipeline import source_cache
+from kdlab.pipeline import assemble, source_cache
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runner import run_pipeline
 from kdlab.store import StageRecord, StageStore
@@ -170,7 +170,7 @@ def test_bad_view_settings_fail_before_anything_trains(tmp_path, monkeypatch, dm
     with pytest.raises(ConfigError, match="known: auto, on, off, views"):
         run_pipeline(compose_dictconfig(*TINY, "distill.cache=view", f"paths.store_dir={store}"), tmp_path / "b")
     # a disk that cannot hold the views: one line with the size needed and the free space
-    monkeypatch.setattr(source_cache.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
+    monkeypatch.setattr(assemble.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
     with pytest.raises(ConfigError, match=r"needs 0\.\d+ GB for 2 source view cache\(s\).*0\.00 GB free") as err:
         run_pipeline(compose_dictconfig(*TINY, "distill.cache=views", f"paths.store_dir={store}"), tmp_path / "c")
     assert "\n" not in str(err.value)

@@ -2,6 +2,7 @@
 (sources, strategy, cache), Trainer; and building every stage once before anything trains."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,16 @@ from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runtime import compute_device, resolve_precision
 from kdlab.pipeline.source_cache import (
     cache_enabled,
-    check_views,
+    cache_mode,
+    require_view_space,
     source_outputs_cache,
     source_view_cache,
+    view_data_key,
+    view_shapes,
     views_enabled,
 )
 from kdlab.pipeline.spec import StageSpec
-from kdlab.store import StageRecord
+from kdlab.store import StageRecord, stage_key, view_cache_bytes
 
 # Trainer arguments that do not change what a stage learns (kept out of the store key).
 NON_SEMANTIC_TRAINER_KEYS = {
@@ -172,3 +176,39 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
         make_trainer(ctx, specs[0], callbacks=callbacks, logger=False, enable_checkpointing=False,
                      enable_progress_bar=has_progress_bar(callbacks))
 
+
+def check_views(specs: list[Any], ctx: RunContext) -> None:
+    """Before anything trains (distill.cache=views): the data must have enumerable views, and the store's disk
+    must hold the view caches still to compute (one line naming the size needed and the free space)."""
+    if cache_mode(ctx) != "views":
+        return
+    space = require_view_space(ctx.dm)
+    if not ctx.store.writer:
+        return
+    by_name = {s.name: s for s in specs}
+    keys: dict[str, str] = {}
+    needed: dict[tuple[str, str], int] = {}
+    n = int(ctx.dm.train_size)
+    for spec in specs:
+        keys[spec.name] = stage_key(stage_description(spec, ctx, [keys[s] for s in spec.sources]))
+        if not spec.sources or spec.checkpoint:
+            continue
+        _, taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
+        data_key = view_data_key(ctx, taps)
+        for src in spec.sources:
+            item = (keys[src], data_key)
+            if item in needed or ctx.store.has_view_cache(*item):
+                continue
+            shapes = view_shapes(ctx, build_stage_model(by_name[src], ctx.dm), taps)
+            needed[item] = view_cache_bytes(n, space.count, shapes)
+    total = sum(needed.values())
+    if not total:
+        return
+    where = Path(ctx.store.root)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if total > free:
+        raise ConfigError(f"distill.cache=views needs {total / 1e9:.2f} GB for {len(needed)} source view cache(s) "
+                          f"({n} images x {space.count} views, fp16) but {str(ctx.store.root)!r} has "
+                          f"{free / 1e9:.2f} GB free: free space, move paths.store_dir, or use distill.cache=off")

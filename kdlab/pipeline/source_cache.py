@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +17,7 @@ from torch import nn
 from kdlab.errors import ConfigError
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runtime import autocast_dtype, compute_device
-from kdlab.store import StageRecord, ViewCache, canonical_json, stage_key, view_cache_bytes
+from kdlab.store import StageRecord, ViewCache, canonical_json, view_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -168,43 +166,3 @@ def compute_views(ctx: RunContext, model: nn.Module, taps: list[str], space: Any
     finally:
         if hooks is not None:
             hooks.remove()
-
-
-def check_views(specs: list[Any], ctx: RunContext) -> None:
-    """Before anything trains (distill.cache=views): the data must have enumerable views, and the store's disk
-    must hold the view caches still to compute (one line naming the size needed and the free space)."""
-    if cache_mode(ctx) != "views":
-        return
-    space = require_view_space(ctx.dm)
-    if not ctx.store.writer:
-        return
-    from kdlab.distill import STRATEGIES
-    from kdlab.pipeline.assemble import build_stage_model, stage_description
-
-    by_name = {s.name: s for s in specs}
-    keys: dict[str, str] = {}
-    needed: dict[tuple[str, str], int] = {}
-    n = int(ctx.dm.train_size)
-    for spec in specs:
-        keys[spec.name] = stage_key(stage_description(spec, ctx, [keys[s] for s in spec.sources]))
-        if not spec.sources or spec.checkpoint:
-            continue
-        _, taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
-        data_key = view_data_key(ctx, taps)
-        for src in spec.sources:
-            item = (keys[src], data_key)
-            if item in needed or ctx.store.has_view_cache(*item):
-                continue
-            shapes = view_shapes(ctx, build_stage_model(by_name[src], ctx.dm), taps)
-            needed[item] = view_cache_bytes(n, space.count, shapes)
-    total = sum(needed.values())
-    if not total:
-        return
-    where = Path(ctx.store.root)
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if total > free:
-        raise ConfigError(f"distill.cache=views needs {total / 1e9:.2f} GB for {len(needed)} source view cache(s) "
-                          f"({n} images x {space.count} views, fp16) but {str(ctx.store.root)!r} has "
-                          f"{free / 1e9:.2f} GB free: free space, move paths.store_dir, or use distill.cache=off")
