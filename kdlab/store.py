@@ -7,8 +7,9 @@ A finished stage lives in ``<store>/<key>/``:
     DONE        the completion marker, written last: JSON with the sha256 of model.pt and meta.json
     work/       Lightning checkpoints while it trains (used to resume after a crash; removed when done)
     cache/      outputs of this stage as a frozen source (logits, features), each with a .sha256 beside it;
-                with distill.cache=views: <data key>.views.json (the manifest, written last: shapes and
-                sha256 of every array) and <data key>.views.<i>.f16 (raw fp16 arrays, memory-mapped)
+                with distill.cache=views: <data key>.views.json (the manifest, written last: the logits'
+                codec, shapes, dtypes and sha256 of every array) and <data key>.views.<i>.bin (raw arrays:
+                fp16 logits and features, or top-k values, indices and rest; memory-mapped)
 
 Every file is written to a temporary name, fsynced and renamed (then the directory is fsynced), so a
 crash leaves either nothing or a whole file; the marker comes last, so a stage is done only when
@@ -26,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -63,25 +65,102 @@ def stage_key(spec: dict[str, Any]) -> str:
 
 
 # -- view caches (distill.cache=views) -----------------------------------------------------------------
-VIEW_DTYPE = np.float16
-VIEW_SCHEMA = 1
+VIEW_SCHEMA = 2  # 2: the logits codec (fp16 or top-k), per-array dtypes
+
+#: per-sample layout of a view cache: array name -> (shape of one (image, view) row, numpy dtype name)
+Layout = dict[str, tuple[tuple[int, ...], str]]
 
 
-def view_cache_bytes(n: int, views: int, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Bytes on disk of ``n`` images x ``views`` views of arrays of these per-sample shapes (fp16)."""
-    per_view = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
-    return int(n) * int(views) * per_view * np.dtype(VIEW_DTYPE).itemsize
+def view_cache_bytes(n: int, views: int, layout: Layout) -> int:
+    """Bytes on disk of ``n`` images x ``views`` views of arrays with this per-row layout."""
+    per_view = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                   for shape, dtype in layout.values())
+    return int(n) * int(views) * per_view
+
+
+class FullLogits:
+    """Every logit, fp16: ``logits`` (C,)."""
+
+    name = "fp16"
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+
+    def identity(self) -> dict[str, Any]:
+        return {"codec": self.name}
+
+    def layout(self) -> Layout:
+        return {"logits": ((self.num_classes,), "float16")}
+
+    def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"logits": logits.half().cpu().numpy()}
+
+    def decode(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return rows["logits"]
+
+
+class TopKLogits:
+    """The k largest logits of each view (fp16 values, int16 / int32 class indices) and one ``rest`` logit (fp16)
+    that every other class gets: ``z_rest = log(mean_{j not in top-k} exp(z_j))``.
+
+    Decoded, ``softmax(z_hat)`` keeps the top-k probabilities and the rest of the mass ``m = 1 - sum(top-k)``
+    exactly (at temperature 1, up to fp16 rounding) and spreads m uniformly over the C - k other classes (as FKD
+    does with its stored soft labels). Its error: the other classes' distribution is replaced by the uniform
+    one, so ``||p_hat - p||_1 <= 2 m`` and ``KL(p || p_hat) <= m log(C - k)``; at a temperature T > 1 the others'
+    tempered mass is over-estimated (Jensen: mean exp(z/T) <= exp(z_rest / T)). docs/store.md."""
+
+    name = "topk"
+
+    def __init__(self, num_classes: int, k: int):
+        self.num_classes, self.k = int(num_classes), int(k)
+        self.index_dtype = "int16" if self.num_classes <= np.iinfo(np.int16).max + 1 else "int32"
+
+    def identity(self) -> dict[str, Any]:
+        return {"codec": self.name, "k": self.k}
+
+    def layout(self) -> Layout:
+        return {"logits/topk_values": ((self.k,), "float16"), "logits/topk_indices": ((self.k,), self.index_dtype),
+                "logits/rest": ((), "float16")}
+
+    def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        z = logits.float()
+        values, indices = z.topk(self.k, dim=1)
+        others = z.scatter(1, indices, float("-inf"))  # the top k masked out
+        rest = torch.logsumexp(others, dim=1) - math.log(self.num_classes - self.k)
+        return {"logits/topk_values": values.half().cpu().numpy(),
+                "logits/topk_indices": indices.to(getattr(torch, self.index_dtype)).cpu().numpy(),
+                "logits/rest": rest.half().cpu().numpy()}
+
+    def decode(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        rest = rows["logits/rest"]
+        z = rest.view(-1, 1).expand(rest.shape[0], self.num_classes).clone()
+        return z.scatter_(1, rows["logits/topk_indices"].long(), rows["logits/topk_values"])
+
+
+LOGIT_CODECS = {"fp16": FullLogits, "topk": TopKLogits}
+
+
+def logit_codec(num_classes: int, topk: int | None) -> FullLogits | TopKLogits:
+    """The codec of ``distill.view_topk`` (None: every logit, fp16)."""
+    return FullLogits(num_classes) if topk is None else TopKLogits(num_classes, topk)
+
+
+def codec_from(identity: dict[str, Any], num_classes: int) -> FullLogits | TopKLogits:
+    cls = LOGIT_CODECS[identity["codec"]]
+    return cls(num_classes, **{k: v for k, v in identity.items() if k != "codec"})
 
 
 class ViewCache:
-    """A frozen source's outputs for every (training image, view): fp16 arrays of shape (N, V, ...),
-    memory-mapped from disk (RAM holds only the pages a lookup touches).
+    """A frozen source's outputs for every (training image, view), memory-mapped from disk (RAM holds only the
+    pages a lookup touches): arrays of shape (N, V, ...), the logits as its ``codec`` stores them (every logit
+    fp16, or the top k and the rest) and ``features/<tap>`` fp16.
 
-    ``arrays`` maps ``logits`` and ``features/<tap>`` to them. ``lookup(idx, views)`` returns the rows of a
-    batch: image ``idx[b]`` under view ``views[b]`` (:class:`kdlab.data.augment.ViewSpace` ids)."""
+    ``lookup(idx, views)`` returns the rows of a batch: image ``idx[b]`` under view ``views[b]``
+    (:class:`kdlab.data.augment.ViewSpace` ids), logits decoded to (B, C) fp16."""
 
-    def __init__(self, n: int, views: int, arrays: dict[str, np.ndarray], temp_dir: Path | None = None):
-        self.n, self.views, self.arrays = int(n), int(views), arrays
+    def __init__(self, n: int, views: int, arrays: dict[str, np.ndarray], codec: FullLogits | TopKLogits,
+                 temp_dir: Path | None = None):
+        self.n, self.views, self.arrays, self.codec = int(n), int(views), arrays, codec
         self._temp_dir = temp_dir  # a private copy (a read-only store): removed by close()
 
     @property
@@ -92,7 +171,8 @@ class ViewCache:
         i = idx.detach().to("cpu", torch.int64).numpy()
         v = views.detach().to("cpu", torch.int64).numpy()
         rows = {k: torch.from_numpy(np.ascontiguousarray(a[i, v])) for k, a in self.arrays.items()}
-        return rows["logits"], {k.split("/", 1)[1]: t for k, t in rows.items() if k != "logits"}
+        feats = {k.split("/", 1)[1]: t for k, t in rows.items() if k.startswith("features/")}
+        return self.codec.decode(rows), feats
 
     def close(self) -> None:
         self.arrays = {}
@@ -298,30 +378,31 @@ class StageStore:
 
     def load_view_cache(self, key: str, data_key: str) -> ViewCache | None:
         """A stored view cache, memory-mapped read-only, or None if absent or damaged (then it is recomputed:
-        a writer removes the damaged files). Every array is checked against its sha256 in the manifest."""
+        a writer removes the damaged files). Every array is checked against its size and sha256 in the manifest."""
         manifest = self.view_manifest(key, data_key)
         if not manifest.exists():
             return None
-        problem, arrays, n, views = None, {}, 0, 0
+        problem, arrays, n, views, codec = None, {}, 0, 0, None
         try:
             m = json.loads(manifest.read_text())
             n, views = int(m["n"]), int(m["views"])
+            codec = codec_from(m.get("logits") or {"codec": "fp16"}, int(m["num_classes"]))
             for name, entry in m["arrays"].items():
                 path = manifest.parent / entry["file"]
-                shape = (n, views, *(int(d) for d in entry["shape"]))
-                if path.stat().st_size != view_cache_bytes(n, views, {name: tuple(entry["shape"])}):
+                layout = {name: (tuple(int(d) for d in entry["shape"]), str(entry.get("dtype", "float16")))}
+                if path.stat().st_size != view_cache_bytes(n, views, layout):
                     problem = f"{path.name} has the wrong size"
                 elif sha256_file(path) != entry["sha256"]:
                     problem = f"{path.name} fails its checksum"
                 if problem:
                     break
-                arrays[name] = np.memmap(path, dtype=VIEW_DTYPE, mode="r", shape=shape)
-            if problem is None and "logits" not in arrays:
-                problem = "the manifest lists no logits"
+                arrays[name] = np.memmap(path, dtype=layout[name][1], mode="r", shape=(n, views, *layout[name][0]))
+            if problem is None and set(codec.layout()) - set(arrays):
+                problem = f"the manifest lacks the {codec.name} logits"
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"unreadable ({type(e).__name__}: {e})"
         if problem is None:
-            return ViewCache(n, views, arrays)
+            return ViewCache(n, views, arrays, codec)
         if self.writer:
             warn(f"view cache {manifest}: {problem}; recomputing it")
             self._drop_view_cache(key, data_key)
@@ -329,28 +410,31 @@ class StageStore:
 
     def _drop_view_cache(self, key: str, data_key: str) -> None:
         self.view_manifest(key, data_key).unlink(missing_ok=True)
-        for f in self.cache_dir(key).glob(f"{data_key}.views.*.f16"):
+        for f in self.cache_dir(key).glob(f"{data_key}.views.*.bin"):
             f.unlink(missing_ok=True)
 
-    def write_view_cache(self, key: str, data_key: str, n: int, views: int, shapes: dict[str, tuple[int, ...]],
-                         fill: Any) -> ViewCache:
-        """Allocate fp16 arrays (n * views, *shape) on disk, let ``fill(arrays)`` write them (in place, through
-        memory maps), then checksum them, move them into place and write the manifest last.
+    def write_view_cache(self, key: str, data_key: str, n: int, views: int, codec: FullLogits | TopKLogits,
+                         features: Layout, fill: Any) -> ViewCache:
+        """Allocate the arrays (n * views, *shape) on disk (the codec's logits, then the ``features`` layout),
+        let ``fill(arrays)`` write them (in place, through memory maps), then checksum them, move them into
+        place and write the manifest last.
 
-        A read-only store (a DDP rank other than 0) writes into a private temporary directory instead, removed
-        when the cache is closed. A failed write (a full disk) leaves no manifest: a StoreError."""
+        A read-only store (a DDP rank other than 0 that found no stored cache) writes into a private temporary
+        directory instead, removed when the cache is closed. A failed write (a full disk) leaves no manifest:
+        a StoreError."""
         temp_dir = None
         if self.writer:
             final_dir = self.cache_dir(key)
             work = final_dir / f".{data_key}.views.tmp-{os.getpid()}"
         else:
             final_dir = work = temp_dir = Path(tempfile.mkdtemp(prefix="kdlab-views-"))
-        names = sorted(shapes, key=lambda k: (k != "logits", k))
-        files = {name: f"{data_key}.views.{i}.f16" for i, name in enumerate(names)}
+        layout = {**codec.layout(), **features}
+        names = list(layout)
+        files = {name: f"{data_key}.views.{i}.bin" for i, name in enumerate(names)}
         try:
             work.mkdir(parents=True, exist_ok=True)
-            arrays = {name: np.memmap(work / files[name], dtype=VIEW_DTYPE, mode="w+",
-                                      shape=(n * views, *shapes[name])) for name in names}
+            arrays = {name: np.memmap(work / files[name], dtype=layout[name][1], mode="w+",
+                                      shape=(n * views, *layout[name][0])) for name in names}
             fill(arrays)
             entries = {}
             for name, a in arrays.items():
@@ -358,7 +442,8 @@ class StageStore:
                 path = work / files[name]
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
-                entries[name] = {"file": files[name], "shape": list(shapes[name]), "sha256": sha256_file(path)}
+                entries[name] = {"file": files[name], "shape": list(layout[name][0]), "dtype": layout[name][1],
+                                 "sha256": sha256_file(path)}
             del arrays
             if work != final_dir:
                 for name in names:
@@ -366,7 +451,8 @@ class StageStore:
                 shutil.rmtree(work, ignore_errors=True)
             if self.writer:
                 fileio.atomic_write_json(self.view_manifest(key, data_key),
-                                         {"schema": VIEW_SCHEMA, "n": n, "views": views, "dtype": "float16",
+                                         {"schema": VIEW_SCHEMA, "n": n, "views": views,
+                                          "num_classes": codec.num_classes, "logits": codec.identity(),
                                           "arrays": entries})
         except BaseException as e:
             shutil.rmtree(work, ignore_errors=True)
@@ -374,9 +460,9 @@ class StageStore:
                 raise StoreError(f"cannot write the view cache of stage {key} to {str(final_dir)!r}: "
                                  f"{e.strerror or e}") from e
             raise
-        shape = {name: (n, views, *shapes[name]) for name in names}
-        return ViewCache(n, views, {name: np.memmap(final_dir / files[name], dtype=VIEW_DTYPE, mode="r",
-                                                    shape=shape[name]) for name in names}, temp_dir=temp_dir)
+        return ViewCache(n, views, {name: np.memmap(final_dir / files[name], dtype=layout[name][1], mode="r",
+                                                    shape=(n, views, *layout[name][0])) for name in names},
+                         codec, temp_dir=temp_dir)
 
     def save_cache(self, key: str, data_key: str, payload: dict[str, Any]) -> None:
         if not self.writer:

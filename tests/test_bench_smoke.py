@@ -109,6 +109,13 @@ def test_knobs(bench, monkeypatch):
             assert math.isfinite(r["samples_per_second"]) and 10 < r["samples_per_second"] < 1e7, (name, kind, r)
             assert r["fit_seconds"] <= r["stage_seconds"] + 0.01, (name, kind, r)  # the stage contains its fit
             assert 0.0 <= r["test_acc"] <= 1.0
+    formats = result["details"]["inference_formats"]
+    assert set(formats) == {"plain10", "resnet8"}
+    for arch, r in formats.items():
+        assert figs[f"k_format_{arch}"]["value"] == r["fp32"]["speedup"]
+        for p in ("fp32", "bf16"):
+            assert r[p]["nchw"] > 0 and r[p]["channels_last"] > 0
+            assert r[p]["rel_diff"] < 1e-2, (arch, p, r[p])  # the same logits in either memory format
 
 
 def test_method_cost(bench):
@@ -179,3 +186,37 @@ def test_torchdistill_config_renders(bench):
     assert kd["key"] == "KDLoss" and kd["kwargs"]["temperature"] == 4.0 and kd["kwargs"]["alpha"] == 0.5
     assert cfg["train"]["train_data_loader"]["kwargs"]["batch_size"] == 128
     assert cfg["train"]["optimizer"]["kwargs"] == {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+
+
+def test_views_benchmark(bench):
+    """distill.cache=views (issue 19): job 1 trains every stage and builds each source's views once; the later
+    sweep jobs train only the student, from the stored views (no source forward) or from live sources."""
+    _, o = bench
+    import bench_views
+
+    result = bench_views.run(o)
+    figs = _figures(result)
+    assert set(figs) == {"h_views_vs_alone", "h_views_speedup", "h_build", "h_breakeven", "h_pipeline", "h_sweep"}
+    d = result["details"]
+    chain = d["sizes"]["chain"]
+    views, live = d["jobs"]["views"], d["jobs"]["live"]
+    assert len(views) == len(live) == d["sizes"]["jobs"]
+    assert views[0]["trained"] == live[0]["trained"] and len(views[0]["trained"]) == len(chain)
+    assert len(views[0]["build_seconds"]) == len(chain) - 1  # each source's views built once, in job 1
+    for v, lv in zip(views[1:], live[1:]):
+        assert v["trained"] == lv["trained"] == ["student"] and v["build_seconds"] == []
+        assert set(v["source_forward_calls"].values()) == {0}  # looked up, never run
+        assert min(lv["source_forward_calls"].values()) > 0
+    rate_views = max(j["samples_per_second"] for j in views[1:])
+    rate_alone = max(s["samples_per_second"] for s in d["alone"])
+    assert figs["h_views_vs_alone"]["value"] == round(rate_alone / rate_views, 3)
+    assert figs["h_build"]["value"] == round(sum(views[0]["build_seconds"]), 2)
+    walls = [round(sum(j["wall_seconds"] for j in side), 1) for side in (views, live)]  # the sweeps' wall times
+    assert figs["h_sweep"]["value"] == round(walls[0] / walls[1], 3)
+    assert figs["h_pipeline"]["value"] == round(views[0]["wall_seconds"] / live[0]["wall_seconds"], 3)
+    # on disk: n_train x views x (100 fp16 logits) per source
+    n, v = d["sizes"]["n_train_after_split"], d["sizes"]["views"]
+    assert d["view_cache_bytes"] == (len(chain) - 1) * n * v * 100 * 2
+    assert d["cifar100_bytes_per_source"] == {"fp16": 50_000 * 162 * 100 * 2,
+                                              "top10": 50_000 * 162 * (10 * 2 + 10 * 2 + 2),
+                                              "top20": 50_000 * 162 * (20 * 2 + 20 * 2 + 2)}

@@ -92,6 +92,38 @@ def test_cached_and_live_sources_give_the_same_losses(dm):
     assert live.bank.forward_calls == {n: 1 for n in srcs}
 
 
+def test_sources_in_channels_last_give_the_default_formats_outputs(dm):
+    """speed.sources_channels_last: frozen sources run in channels_last (a faster inference on CPUs) and
+    hand the strategies the same logits and tapped features, in the default memory format."""
+    from kdlab.pipeline.runtime import inference_format, sources_channels_last
+
+    x = next(iter(dm.train_dataloader()))[0]
+    taps = ["stage1", "prepool"]
+    plain = SourceBank(sources(2), taps=taps).outputs(["teacher", "ta1"], x, None, train=False)
+    cl_bank = SourceBank(sources(2), taps=taps, channels_last=True).to(torch.device("cpu"))
+    conv = next(m for m in cl_bank.models["teacher"].modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    fast = cl_bank.outputs(["teacher", "ta1"], x, None, train=False)
+    for name in ("teacher", "ta1"):
+        torch.testing.assert_close(fast[name].logits, plain[name].logits, rtol=1e-5, atol=1e-5)
+        for tap in taps:
+            assert fast[name].features[tap].is_contiguous()
+            torch.testing.assert_close(fast[name].features[tap], plain[name].features[tap], rtol=1e-5, atol=1e-5)
+    # the rule: a CPU always under auto; CUDA only under mixed precision; explicit values win
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sources_channels_last({}, cpu) is True
+    assert sources_channels_last({"speed": {"sources_channels_last": False}}, cpu) is False
+    assert sources_channels_last({"trainer": {"precision": "32-true"}}, cuda) is False
+    assert sources_channels_last({"trainer": {"precision": "bf16-mixed"}}, cuda) is True
+    assert sources_channels_last({"speed": {"sources_channels_last": "true"}, "trainer": {"precision": "32-true"}},
+                                 cuda) is True
+    # a model evaluated in channels_last goes back to the default format (what the store saves)
+    model = sources(1)["teacher"]
+    with inference_format(model, True) as fmt:
+        assert fmt(x).is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_supervised_module_learns(synthetic_dm):
     dm = synthetic_dm(n_train=1200, n_test=200, augment="none", batch_size=32, seed=0)
     torch.manual_seed(0)

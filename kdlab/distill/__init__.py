@@ -6,6 +6,7 @@ One file per method; every strategy is registered in :data:`STRATEGIES` under th
 from kdlab.distill import at as _at  # noqa: F401
 from kdlab.distill import ce as _ce  # noqa: F401  (registers)
 from kdlab.distill import crd as _crd  # noqa: F401
+from kdlab.distill import dafl as _dafl  # noqa: F401
 from kdlab.distill import dgkd as _dgkd  # noqa: F401
 from kdlab.distill import dist as _dist  # noqa: F401
 from kdlab.distill import dkd as _dkd  # noqa: F401

@@ -156,6 +156,8 @@ class Strategy(nn.Module):
     name = "base"
     #: True when the strategy needs source logits (False for labels-only training).
     uses_sources = True
+    #: True for a stage that learns from generated images only (DAFL: a DataFreeModule, no training split)
+    data_free = False
     #: the keys of ``distill`` this strategy reads, with their defaults
     options: ClassVar[dict[str, Any]] = SHARED_OPTIONS
     #: keys added after stages were stored: hashed only when set away from their default, so that the

@@ -7,17 +7,21 @@ with FeatureTaps(model, ["prepool"]) as taps:
     feat = taps.features["prepool"]
 """
 
-from kdlab.models import mobilenetv2, plain, resnet, shufflenet, vgg, wrn  # noqa: F401  (register models)
+# imported to register their models
+from kdlab.models import lenet, mobilenetv2, plain, resnet, resnet4, shufflenet, vgg, wrn  # noqa: F401
 from kdlab.models.base import ZooModel
 from kdlab.models.factory import MODELS, build_model, list_models, model_family
+from kdlab.models.generator import GENERATORS, build_generator
 from kdlab.models.onthefly import to_on_the_fly
 from kdlab.models.profile import count_macs, count_params
 from kdlab.models.taps import FeatureTaps, feature_points, feature_shapes, resolve_point
 
 __all__ = [
+    "GENERATORS",
     "MODELS",
     "FeatureTaps",
     "ZooModel",
+    "build_generator",
     "build_model",
     "count_macs",
     "count_params",

@@ -63,6 +63,7 @@ class SourceBank:
     def outputs(self, names: list[str], x: torch.Tensor, idx: torch.Tensor | None,
                 train: bool = True, views: torch.Tensor | None = None) -> dict[str, SourceOutput]:
         out: dict[str, SourceOutput] = {}
+        x_src = None
         for name in names:
             table = self.views.get(name) if train else None
             if table is not None and idx is not None and views is not None:
@@ -78,11 +79,15 @@ class SourceBank:
                 continue
             model = self.models[name]
             self.forward_calls[name] += 1
+            if x_src is None:  # the batch in the sources' memory format, converted once for all of them
+                x_src = x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
             with torch.inference_mode():
-                logits = model(x)
+                logits = model(x_src)
                 feats = dict(self._hooks[name].features) if name in self._hooks else {}
-            # clone() outside inference mode turns inference tensors into ordinary ones autograd accepts
-            out[name] = SourceOutput(logits.clone(), {k: v.clone() for k, v in feats.items()})
+            # clone() outside inference mode turns inference tensors into ordinary ones autograd accepts (and
+            # hands the strategies features in the default memory format, whatever the sources ran in)
+            out[name] = SourceOutput(logits.clone(),
+                                     {k: v.clone(memory_format=torch.contiguous_format) for k, v in feats.items()})
         return out
 
     def close(self) -> None:

@@ -15,22 +15,24 @@ from torch import nn
 from kdlab.callbacks import build_callbacks, has_progress_bar
 from kdlab.distill import STRATEGIES, SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, warn
 from kdlab.fileio import sha256_file
 from kdlab.loggers import logger_entries
 from kdlab.models import build_model, feature_shapes
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
+from kdlab.modules.datafree import DataFreeModule
 from kdlab.pipeline.context import RunContext
-from kdlab.pipeline.runtime import compute_device, resolve_precision
+from kdlab.pipeline.runtime import compute_device, resolve_precision, sources_channels_last
 from kdlab.pipeline.source_cache import (
     cache_enabled,
     cache_mode,
+    enumerable_views,
     require_view_space,
     source_outputs_cache,
-    source_view_cache,
+    stage_view_caches,
     view_data_key,
-    view_shapes,
-    views_enabled,
+    view_layout,
+    view_topk,
 )
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord, stage_key, view_cache_bytes
@@ -74,6 +76,11 @@ def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) 
         "optimizer": spec.optimizer, "scheduler": spec.scheduler, "max_epochs": spec.max_epochs,
         "seed": spec.seed, "trainer": trainer,
     }
+    k = (cfg.get("distill") or {}).get("view_topk")
+    if k is not None and ctx.view_plan and reads_training_views(spec):  # taught from top-k logits: another student
+        taps = source_taps(spec)
+        if any(uses_views(ctx, s, taps) for s in source_keys):
+            desc["source_logits"] = f"top{k}"
     tcfg = cfg.get("trainer") or {}
     if str(tcfg.get("strategy") or "").startswith("ddp"):  # the global batch grows with the world size
         devices = tcfg.get("devices", 1)
@@ -84,6 +91,24 @@ def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) 
                 "input_size": dm.image_size, "data": dm.fingerprint(),
                 "checkpoint_sha256": sha256_file(Path(spec.checkpoint))}
     return desc
+
+
+def source_taps(spec: StageSpec) -> list[str]:
+    """The feature taps the stage's strategy records from its sources."""
+    return list(STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)[1])
+
+
+def reads_training_views(spec: StageSpec) -> bool:
+    """Whether the stage's sources see its training batches (and so could teach from view caches): not for a
+    stage without sources, nor for a data-free one (its sources see generated images)."""
+    strategy = STRATEGIES.get(str(spec.distill.get("strategy", "kd")))
+    return bool(spec.sources) and not getattr(strategy, "data_free", False)
+
+
+def uses_views(ctx: RunContext, source_key: str, taps: list[str]) -> bool:
+    """Whether the stored source ``source_key`` teaches a stage with these taps from its view cache (the run's
+    plan, :func:`plan_views`)."""
+    return bool(ctx.view_plan) and (source_key, view_data_key(ctx, taps)) in ctx.view_plan
 
 
 def make_trainer(ctx: RunContext, spec: StageSpec, **runtime: Any) -> pl.Trainer:
@@ -112,9 +137,13 @@ def load_source(spec: StageSpec, record: StageRecord, ctx: RunContext) -> nn.Mod
 
 
 def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[StageSpec, StageRecord]],
-                 ctx: RunContext) -> SupervisedModule:
+                 ctx: RunContext, frozen: bool = False) -> SupervisedModule:
+    """The stage's LightningModule; ``frozen``: a model that is only evaluated (an imported teacher), which
+    runs in the sources' memory format (``speed.sources_channels_last``)."""
     speed = ctx.cfg.get("speed") or {}
     channels_last = bool(speed.get("channels_last", False))
+    if frozen:
+        channels_last = channels_last or sources_channels_last(ctx.cfg, compute_device(ctx))
     common = {"num_classes": ctx.dm.num_classes, "optimizer": instantiate(spec.optimizer),
               "scheduler": instantiate(spec.scheduler) if spec.scheduler else None,
               "max_epochs": spec.max_epochs, "stage": spec.name, "channels_last": channels_last,
@@ -125,14 +154,21 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
         return SupervisedModule(model, **common)
     source_models = {name: load_source(s_spec, rec, ctx) for name, (s_spec, rec) in sources.items()}
     strategy, t_taps = stage_strategy(spec, model, source_models, ctx)
-    cache = views = None
-    if views_enabled(ctx):
-        views = {name: source_view_cache(ctx, rec, source_models[name], t_taps) for name, (_, rec) in sources.items()}
-        ctx.dm.train_views = True
-    elif cache_enabled(ctx):
+    if strategy.data_free:  # DAFL: generated images only, so no source caches (they would read the training split)
+        return DataFreeModule(model, teacher=next(iter(source_models.values())), strategy=strategy,
+                              generator=strategy.make_generator((ctx.dm.in_channels, ctx.dm.image_size,
+                                                                 ctx.dm.image_size)),
+                              image_dir=ctx.run_dir / "generated" / spec.name, seed=spec.seed, **common)
+    cache = None
+    viewed = [name for name, (_, rec) in sources.items() if uses_views(ctx, rec.key, t_taps)]
+    views = stage_view_caches(ctx, {name: (sources[name][1], source_models[name]) for name in viewed}, t_taps) \
+        if viewed else {}
+    ctx.dm.train_views = bool(views)  # the sources not in the plan (distill.cache=auto) run live
+    if not views and cache_enabled(ctx):
         cache = {name: source_outputs_cache(ctx, rec, source_models[name], t_taps)
                  for name, (_, rec) in sources.items()}
-    bank = SourceBank(source_models, t_taps, cache, channels_last=channels_last, views=views)
+    frozen_cl = channels_last or sources_channels_last(ctx.cfg, compute_device(ctx))
+    bank = SourceBank(source_models, t_taps, cache, channels_last=frozen_cl, views=views)
     selector = None
     if spec.stochastic:
         selector = SourceSelector(list(sources), **spec.stochastic, seed=spec.seed, stage=spec.name)
@@ -169,7 +205,7 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
                 raise ConfigError(f"stage {spec.name!r}: bad {what} config: {reason}") from e
         if spec.sources and not spec.checkpoint:
             stage_strategy(spec, model, {n: build_stage_model(by_name[n], ctx.dm) for n in spec.sources}, ctx)
-    check_views(specs, ctx)  # distill.cache=views: enumerable views, and the disk holds them
+    ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
     logger_entries(ctx.cfg.get("logger"))
     callbacks = build_callbacks(ctx.cfg.get("callbacks"))
     if specs:
@@ -177,38 +213,92 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
                      enable_progress_bar=has_progress_bar(callbacks))
 
 
-def check_views(specs: list[Any], ctx: RunContext) -> None:
-    """Before anything trains (distill.cache=views): the data must have enumerable views, and the store's disk
-    must hold the view caches still to compute (one line naming the size needed and the free space)."""
-    if cache_mode(ctx) != "views":
-        return
-    space = require_view_space(ctx.dm)
-    if not ctx.store.writer:
-        return
-    by_name = {s.name: s for s in specs}
-    keys: dict[str, str] = {}
-    needed: dict[tuple[str, str], int] = {}
-    n = int(ctx.dm.train_size)
-    for spec in specs:
-        keys[spec.name] = stage_key(stage_description(spec, ctx, [keys[s] for s in spec.sources]))
-        if not spec.sources or spec.checkpoint:
-            continue
-        _, taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
-        data_key = view_data_key(ctx, taps)
-        for src in spec.sources:
-            item = (keys[src], data_key)
-            if item in needed or ctx.store.has_view_cache(*item):
-                continue
-            shapes = view_shapes(ctx, build_stage_model(by_name[src], ctx.dm), taps)
-            needed[item] = view_cache_bytes(n, space.count, shapes)
+# -- distill.cache=views / auto: which sources teach from view caches --------------------------------------
+def views_pay(views: int, taught_epochs: int, stored: bool) -> bool:
+    """``distill.cache=auto``'s rule for one source (and one set of taps): building its view cache costs
+    n_images x ``views`` forward passes, teaching live costs n_images x ``taught_epochs`` (the epochs of every
+    stage it teaches in this pipeline). Views when they are in the store already (a lookup is free) or when
+    they cost fewer forward passes than teaching live; docs/store.md."""
+    return stored or views < taught_epochs
+
+
+def _every_source(views: int, taught_epochs: int, stored: bool) -> bool:
+    return True
+
+
+def _no_source(views: int, taught_epochs: int, stored: bool) -> bool:
+    return False
+
+
+def _stored_views(views: int, taught_epochs: int, stored: bool) -> bool:
+    return stored
+
+
+#: distill.cache -> f(views per image, epochs the source teaches, views already stored): use its view cache
+VIEW_RULES = {"views": _every_source, "auto": views_pay, "on": _no_source, "off": _no_source}
+
+
+def plan_views(specs: list[Any], ctx: RunContext) -> frozenset[tuple[str, str]]:
+    """Before anything trains: the (source key, view data key) pairs that teach from a view cache.
+
+    ``views``: every source (the training data must have enumerable views); ``auto``: each source where
+    :func:`views_pay`, none where the views are not enumerable (or ``data.augment=none``: the per-image cache),
+    none still to compute (a warning) where the disk cannot hold them; ``on`` / ``off``: none. With ``views``
+    a disk that cannot hold the caches still to compute is one line naming the size and the free space."""
+    mode = cache_mode(ctx)
+    view_topk(ctx)  # a bad distill.view_topk is refused whatever the mode
+    rule = VIEW_RULES[mode]
+    space = require_view_space(ctx.dm) if mode == "views" else enumerable_views(ctx.dm)
+    if space is None or rule is _no_source:
+        return frozenset()
+    plan, needed = _view_plan(specs, ctx, space, rule)
     total = sum(needed.values())
     if not total:
-        return
+        return plan
     where = Path(ctx.store.root)
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free
-    if total > free:
-        raise ConfigError(f"distill.cache=views needs {total / 1e9:.2f} GB for {len(needed)} source view cache(s) "
-                          f"({n} images x {space.count} views, fp16) but {str(ctx.store.root)!r} has "
-                          f"{free / 1e9:.2f} GB free: free space, move paths.store_dir, or use distill.cache=off")
+    if total <= free:
+        return plan
+    size = (f"{total / 1e9:.2f} GB for {len(needed)} source view cache(s) ({ctx.dm.train_size} images x "
+            f"{space.count} views) but {str(ctx.store.root)!r} has {free / 1e9:.2f} GB free")
+    if mode == "views":
+        raise ConfigError(f"distill.cache=views needs {size}: free space, move paths.store_dir, set "
+                          f"distill.view_topk, or use distill.cache=off")
+    warn(f"distill.cache=auto: the view caches would need {size}; those sources run live")
+    return _view_plan(specs, ctx, space, _stored_views)[0]
+
+
+def _view_plan(specs: list[Any], ctx: RunContext, space: Any, rule: Any
+               ) -> tuple[frozenset[tuple[str, str]], dict[tuple[str, str], int]]:
+    """(the pairs ``rule`` picks, bytes of those still to compute for a stage still to train). Walks the stages in
+    order, as the runner does: a stage's key depends on whether its sources teach from top-k views."""
+    by_name = {s.name: s for s in specs}
+    taught: dict[tuple[str, str], int] = {}  # (source name, data key) -> epochs it teaches in this pipeline
+    for spec in specs:
+        if reads_training_views(spec):
+            data_key = view_data_key(ctx, source_taps(spec))
+            for src in spec.sources:
+                taught[(src, data_key)] = taught.get((src, data_key), 0) + int(spec.max_epochs)
+    n = int(ctx.dm.train_size)
+    keys: dict[str, str] = {}
+    plan: set[tuple[str, str]] = set()
+    needed: dict[tuple[str, str], int] = {}
+    for spec in specs:
+        taps = source_taps(spec)
+        viewed = reads_training_views(spec)
+        data_key = view_data_key(ctx, taps) if viewed else ""
+        for src in spec.sources if viewed else []:
+            if rule(space.count, taught[(src, data_key)], ctx.store.has_view_cache(keys[src], data_key)):
+                plan.add((keys[src], data_key))
+        ctx.view_plan = frozenset(plan)  # the decisions so far: this stage's key reads them
+        keys[spec.name] = stage_key(stage_description(spec, ctx, [keys[s] for s in spec.sources]))
+        if not viewed or (ctx.store.stage_dir(keys[spec.name]) / "DONE").exists():
+            continue  # a stored stage is not trained: its sources' views are not needed for it
+        for src in spec.sources:
+            item = (keys[src], data_key)
+            if item in plan and item not in needed and not ctx.store.has_view_cache(*item):
+                layout = view_layout(ctx, build_stage_model(by_name[src], ctx.dm), taps)
+                needed[item] = view_cache_bytes(n, space.count, layout)
+    return frozenset(plan), needed

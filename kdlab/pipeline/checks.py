@@ -4,10 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdlab.distill import SourceSelector
 from kdlab.distill.base import strategy_class
 from kdlab.errors import ConfigError, unknown_name
 from kdlab.models import MODELS
+from kdlab.pipeline.runtime import sources_channels_last
 from kdlab.pipeline.spec import StageSpec, build_stages
 
 
@@ -37,6 +40,7 @@ def validate_run_settings(cfg: dict[str, Any]) -> None:
     on_nan = cfg.get("on_nan", "stop")
     if on_nan not in ON_NAN:
         raise unknown_name("on_nan", on_nan, ON_NAN)
+    sources_channels_last(cfg, torch.device("cpu"))  # speed.sources_channels_last: auto | true | false
     ckpt = (cfg.get("pipeline") or {}).get("teacher_checkpoint")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"pipeline.teacher_checkpoint {str(ckpt)!r} does not exist or is not a file")
@@ -70,6 +74,9 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
     validate_run_settings(cfg)
     data = cfg.get("data") or {}
     _positive(data.get("batch_size"), "data.batch_size", integer=True)
+    if (cfg.get("pipeline") or {}).get("data_free") and specs and not strategy_class(specs[-1].distill).data_free:
+        raise ConfigError(f"pipeline=data_free needs a data-free strategy for its student (distill=dafl), got "
+                          f"distill.strategy={specs[-1].distill.get('strategy')!r}")
     for s in specs:
         MODELS.get(s.arch)
         _positive(s.max_epochs, f"trainer.max_epochs (stage {s.name})", integer=True)

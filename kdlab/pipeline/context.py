@@ -17,4 +17,7 @@ class RunContext:
     method: str
     dataset: str
     group: str
+    #: (source key, view data key) pairs that teach from a view cache (distill.cache=views / auto), set before
+    #: the first stage by kdlab.pipeline.assemble.plan_views
+    view_plan: frozenset[tuple[str, str]] = frozenset()
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 RESULTS_SCHEMA = 1
 STAGE_FIELDS = ("params", "epochs", "best_epoch", "val_acc", "test_acc", "test_acc_last", "train_seconds",
                 "samples_per_second", "val_curve", "extra_params", "stage_seconds")
+# data-free stages (DAFL): test_acc is the last epoch's, the best-on-val epoch's numbers are labelled
+OPTIONAL_STAGE_FIELDS = ("data_free", "test_acc_best_val", "val_acc_best")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -94,6 +96,7 @@ def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict
     out = {"name": spec.name, "role": spec.role, "arch": spec.arch, "sources": spec.sources,
            "on_the_fly": bool(spec.model.get("on_the_fly")), "store_key": record.key, "cached": cached}
     out.update({k: meta.get(k) for k in STAGE_FIELDS})
+    out.update({k: meta[k] for k in OPTIONAL_STAGE_FIELDS if k in meta})  # where they apply
     out["checkpoint"] = str(record.weights_path)
     out["csv_log"] = extra.get("csv_log")
     return out

@@ -16,8 +16,8 @@ from torch import nn
 
 from kdlab.errors import ConfigError
 from kdlab.pipeline.context import RunContext
-from kdlab.pipeline.runtime import autocast_dtype, compute_device
-from kdlab.store import StageRecord, ViewCache, canonical_json, view_cache_bytes
+from kdlab.pipeline.runtime import autocast_dtype, compute_device, inference_format, sources_channels_last
+from kdlab.store import StageRecord, ViewCache, canonical_json, logit_codec, view_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,12 @@ def source_outputs_cache(ctx: RunContext, record: StageRecord, model: nn.Module,
     model = model.to(device).eval()
     hooks = FeatureTaps(model, taps) if taps else None
     logits, feats = [], {t: [] for t in taps}
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with inference_format(model, sources_channels_last(ctx.cfg, device)) as fmt, torch.inference_mode(), \
+            torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         for x, _, _ in ctx.dm.train_eval_dataloader():
-            logits.append(model(x.to(device)).half().cpu())
+            logits.append(model(fmt(x.to(device))).half().cpu())
             for t in taps:
-                feats[t].append(hooks.features[t].half().cpu())
+                feats[t].append(hooks.features[t].half().cpu().contiguous())
     if hooks is not None:
         hooks.remove()
     payload = {"logits": torch.cat(logits), "features": {t: torch.cat(v) for t, v in feats.items()}}
@@ -90,32 +91,52 @@ def require_view_space(dm: Any):
     return space
 
 
-def views_enabled(ctx: RunContext) -> bool:
-    if cache_mode(ctx) != "views":
-        return False
-    require_view_space(ctx.dm)
-    return True
+def enumerable_views(dm: Any):
+    """The training augmentation's finite views, or None (no augmentation, or views drawn per sample)."""
+    return dm.view_space() if getattr(dm, "augment", "none") != "none" else None
+
+
+def view_topk(ctx: RunContext) -> int | None:
+    """``distill.view_topk``: None (every logit, fp16) or k in [1, num_classes - 1] (the top k and the rest)."""
+    k = (ctx.cfg.get("distill") or {}).get("view_topk")
+    if k is None:
+        return None
+    classes = int(ctx.dm.num_classes)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < classes:
+        raise ConfigError(f"distill.view_topk must be null (every logit, fp16) or an integer in [1, {classes - 1}] "
+                          f"(fewer than the {classes} classes), got {k!r}")
+    return k
+
+
+def view_codec(ctx: RunContext):
+    return logit_codec(int(ctx.dm.num_classes), view_topk(ctx))
 
 
 def view_data_key(ctx: RunContext, taps: list[str]) -> str:
     """What a view cache depends on besides its source: the data (its fingerprint covers augment and pad),
-    the view space, the taps and the autocast dtype."""
+    the view space, the taps, how the logits are stored (fp16 or top-k: a different k is another cache) and
+    the autocast dtype."""
     space = require_view_space(ctx.dm)
     dtype = autocast_dtype(ctx, compute_device(ctx))
     ident = {"data": ctx.dm.fingerprint(), "taps": sorted(taps), "views": [space.pad, space.crop, space.count],
-             **({"autocast": str(dtype)} if dtype else {})}
+             "logits": view_codec(ctx).identity(), **({"autocast": str(dtype)} if dtype else {})}
     return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
 
 
-def view_shapes(ctx: RunContext, model: nn.Module, taps: list[str]) -> dict[str, tuple[int, ...]]:
+def feature_layout(ctx: RunContext, model: nn.Module, taps: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The fp16 feature arrays of a view cache (the logits' arrays come from the codec)."""
     from kdlab.models import feature_shapes
 
+    if not taps:
+        return {}
     dm = ctx.dm
-    shapes: dict[str, tuple[int, ...]] = {"logits": (int(dm.num_classes),)}
-    if taps:
-        got = feature_shapes(model, taps, (dm.in_channels, dm.image_size, dm.image_size))
-        shapes.update({f"features/{t}": tuple(got[t]) for t in taps})
-    return shapes
+    got = feature_shapes(model, taps, (dm.in_channels, dm.image_size, dm.image_size))
+    return {f"features/{t}": (tuple(got[t]), "float16") for t in taps}
+
+
+def view_layout(ctx: RunContext, model: nn.Module, taps: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array of a source's view cache: the codec's logits and the fp16 features."""
+    return {**view_codec(ctx).layout(), **feature_layout(ctx, model, taps)}
 
 
 def source_view_cache(ctx: RunContext, record: StageRecord, model: nn.Module, taps: list[str]) -> ViewCache:
@@ -123,34 +144,56 @@ def source_view_cache(ctx: RunContext, record: StageRecord, model: nn.Module, ta
     data_key = view_data_key(ctx, taps)
     cached = ctx.store.load_view_cache(record.key, data_key)
     if cached is not None:
+        log.info("view cache of source %s: read from the store", record.key)
         return cached
     space = require_view_space(ctx.dm)
     n = int(ctx.dm.train_size)
-    shapes = view_shapes(ctx, model, taps)
-    log.info("view cache of source %s: %d images x %d views (%.1f MB), computed once", record.key, n,
-             space.count, view_cache_bytes(n, space.count, shapes) / 1e6)
-    return ctx.store.write_view_cache(record.key, data_key, n, space.count, shapes,
+    codec, features = view_codec(ctx), feature_layout(ctx, model, taps)
+    log.info("view cache of source %s: %d images x %d views, %s logits (%.1f MB), computed once", record.key, n,
+             space.count, codec.name, view_cache_bytes(n, space.count, {**codec.layout(), **features}) / 1e6)
+    return ctx.store.write_view_cache(record.key, data_key, n, space.count, codec, features,
                                       lambda arrays: compute_views(ctx, model, taps, space, arrays))
+
+
+def stage_view_caches(ctx: RunContext, sources: dict[str, tuple[StageRecord, nn.Module]], taps: list[str]
+                      ) -> dict[str, ViewCache]:
+    """The view caches of a stage's view-cached sources. In a DDP run every rank reads rank 0's: rank 0 looks
+    them up or computes and stores them, then the ranks meet at a barrier and the others read them from the
+    store (before the first trained stage there is no process group yet; then rank 0 has stored them before
+    Lightning starts the other ranks)."""
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    tables: dict[str, ViewCache] = {}
+    if ctx.store.writer:
+        tables = {name: source_view_cache(ctx, rec, model, taps) for name, (rec, model) in sources.items()}
+    if grouped:
+        dist.barrier()
+    if not ctx.store.writer:
+        tables = {name: source_view_cache(ctx, rec, model, taps) for name, (rec, model) in sources.items()}
+    return tables
 
 
 def compute_views(ctx: RunContext, model: nn.Module, taps: list[str], space: Any,
                   arrays: dict[str, Any]) -> None:
-    """Fill ``arrays`` ((N * V, ...) fp16, row i * V + v: image i under view v) in eval mode, inference mode,
-    under the stage's autocast, in batches of data.batch_size_eval (image-major, so rows are written in order)."""
+    """Fill ``arrays`` ((N * V, ...), row i * V + v: image i under view v) in eval mode, inference mode, under the
+    stage's autocast, in batches of data.batch_size_eval (image-major, so rows are written in order); the logits
+    as the codec stores them (fp16, or top-k), the features fp16."""
     from kdlab.data.augment import crop_flip
     from kdlab.models import FeatureTaps
 
     dm = ctx.dm
     device = compute_device(ctx)
     dtype = autocast_dtype(ctx, device)
+    codec = view_codec(ctx)
     images = dm.train_images
     n, v_count = len(images), space.count
     total, bs = n * v_count, int(dm.batch_size_eval)
     model = model.to(device).eval()
     hooks = FeatureTaps(model, taps) if taps else None
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16,
-                                                    enabled=dtype is not None):
+        with inference_format(model, sources_channels_last(ctx.cfg, device)) as fmt, torch.inference_mode(), \
+                torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             for start in range(0, total, bs):
                 rows = torch.arange(start, min(start + bs, total))
                 i, v = rows // v_count, rows % v_count
@@ -158,11 +201,12 @@ def compute_views(ctx: RunContext, model: nn.Module, taps: list[str], space: Any
                 x = images[i.to(images.device)].to(device)
                 if offsets is not None:
                     offsets = (offsets[0].to(device), offsets[1].to(device))
-                x = dm.normalizer(crop_flip(x, space.pad, offsets, flip.to(device)))
+                x = fmt(dm.normalizer(crop_flip(x, space.pad, offsets, flip.to(device))))
                 end = start + len(rows)
-                arrays["logits"][start:end] = model(x).half().cpu().numpy()
+                for name, values in codec.encode(model(x)).items():
+                    arrays[name][start:end] = values
                 for t in taps:
-                    arrays[f"features/{t}"][start:end] = hooks.features[t].half().cpu().numpy()
+                    arrays[f"features/{t}"][start:end] = hooks.features[t].half().cpu().contiguous().numpy()
     finally:
         if hooks is not None:
             hooks.remove()

@@ -17,6 +17,7 @@ from kdlab.errors import ConfigError, StoreError, TrainingError, warn
 from kdlab.fileio import load_weights
 from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.modules import DistillModule
+from kdlab.modules.datafree import DataFreeModule
 from kdlab.pipeline.assemble import (
     build_module,
     build_stage_model,
@@ -75,7 +76,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     stage_info = {"name": spec.name, "role": spec.role, "arch": spec.arch, "method": ctx.method,
                   "dataset": ctx.dataset}
     # trainable parameters outside the exported model (FEED's translators): logged, never saved with it
-    extra = module.extra_parameters() if isinstance(module, DistillModule) else 0
+    data_free = isinstance(module, DataFreeModule)  # DAFL: generated images only, its generator is extra
+    extra = module.extra_parameters() if isinstance(module, (DistillModule, DataFreeModule)) else 0
     wandb_config = {"stage": {**stage_info, **description, "sources": spec.sources,
                               "source_keys": description.get("sources", []), "store_key": key,
                               "params": params, "extra_params": extra},
@@ -95,7 +97,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     status = "failed"
     try:
         try:
-            trainer.fit(module, datamodule=ctx.dm, ckpt_path=resume, weights_only=True)
+            trainer.fit(module, datamodule=module.fit_data(ctx.dm) if data_free else ctx.dm, ckpt_path=resume,
+                        weights_only=True)
         except OSError as e:  # e.g. a full disk while writing work/*.ckpt: the stage stays not done
             raise StoreError(f"stage {spec.name!r}: cannot write its checkpoints to {str(work)!r}: "
                              f"{e.strerror or e}") from e
@@ -108,6 +111,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
                                 f"(is the validation split empty?)")
         best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint", error=StoreError))
         trainer.strategy.barrier("kdlab-best-read")  # DDP: every rank has read it before rank 0 drops work/
+        last_state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
         curve = list(module.val_curve)
         if curve and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1:
             test_best = test_last  # the best epoch is the last one: same weights, no second test pass
@@ -119,6 +123,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         finish_loggers(loggers, status)
         if isinstance(module, DistillModule):
             module.bank.close()
+        if data_free:
+            module.close()
     curve = list(module.val_curve)
     best_epoch = int(max(range(len(curve)), key=lambda i: (curve[i], -i))) if curve else None
     meta = {
@@ -131,6 +137,10 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         # the whole stage: model and sources built, caches loaded, fit, test passes (not the commit)
         "stage_seconds": round(time.perf_counter() - t_stage, 3),
     }
+    if data_free:  # choosing an epoch on real validation data uses data: the last epoch is the result
+        meta.update(data_free=True, test_acc=test_last, test_acc_best_val=test_best, val_acc_best=meta["val_acc"],
+                    val_acc=curve[-1] if curve else None)
+        best_state = last_state
     record = ctx.store.commit(key, best_state, meta)
     csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
     return record, {"csv_log": str(csv_log) if csv_log is not None and csv_log.exists() else None}
@@ -161,11 +171,12 @@ def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: d
             raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
                               f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
     model.load_state_dict(state)
-    module = build_module(spec, model, {}, ctx)
+    module = build_module(spec, model, {}, ctx, frozen=True)
     trainer = make_trainer(ctx, spec, max_epochs=1, logger=False, enable_progress_bar=False,
                            enable_checkpointing=False)
     val = float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
     test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+    model.to(memory_format=torch.contiguous_format)  # stored in the default format, however it was evaluated
     meta = {"name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": [],
             "params": count_params(model), "extra_params": 0, "epochs": 0, "best_epoch": None,
             "val_acc": val, "test_acc": test, "test_acc_last": test, "train_seconds": 0.0,
