@@ -197,7 +197,8 @@ class BatchTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._t0 is not None and batch_idx >= self.skip:
-            self.samples += int(batch[1].shape[0])
+            # a data-free stage (DAFL) iterates step numbers: its batch is the module's generated images
+            self.samples += int(batch[1].shape[0]) if isinstance(batch, (list, tuple)) else int(pl_module.batch_size)
             self.batches += 1
             if batch_idx >= trainer.num_training_batches - 1:  # a GPU's queue drains before the clock stops
                 _sync(pl_module)

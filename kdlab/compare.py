@@ -2,7 +2,9 @@
 
 Reads the ``results.json`` of every run under the given paths, groups the runs (by method, or by any
 top-level, config or override field), prints rich tables (accuracy, stages, stability) and writes
-``comparison.csv``, a self-contained ``comparison.html`` and the PNG plots it embeds.
+``comparison.csv``, a self-contained ``comparison.html`` and the PNG plots it embeds. For every data-free
+stage (DAFL: ``data_free: true``) the last grid of generated images in its run directory
+(``generated/<stage>/epoch_NNN.png``) is embedded in the page too.
 
 Accuracies stay fractions in the data (as in results.json) and are shown as percentages.
 """
@@ -28,6 +30,7 @@ RESULTS_NAME = "results.json"
 DEFAULT_BY = ("method",)
 DEFAULT_LAST_K = 5
 PLOT_NAMES = ("chain", "student", "val_curves")
+GENERATED_DIR = "generated"  # <run dir>/generated/<stage>/epoch_NNN.png (kdlab/modules/datafree.py)
 TOP_LEVEL_FIELDS = ("method", "dataset", "seed", "experiment", "status", "kdlab_version")
 
 
@@ -192,6 +195,34 @@ def val_fluctuation(curve: Sequence[float], last_k: int = DEFAULT_LAST_K) -> flo
     return sum(abs(b - a) for a, b in itertools.pairwise(tail)) / (len(tail) - 1)
 
 
+def _grid_epoch(path: Path) -> int | None:
+    """NNN of ``epoch_NNN.png`` (0-based, as the module writes it), None for any other name."""
+    digits = path.stem.removeprefix("epoch_")
+    return int(digits) if path.stem.startswith("epoch_") and digits.isdigit() else None
+
+
+def generated_grids(run: dict) -> list[dict]:
+    """The last grid of generated images of each data-free stage of ``run`` (``data_free: true`` in its
+    results.json): ``{"stage", "epochs", "cached", "path" (None when the run directory has none), "epoch"
+    (0-based, from the file name)}``. A stage reused from the store (``cached``) was trained, and its grids
+    written, by another run: its entry then has no path."""
+    out = []
+    for s in run.get("stages") or []:
+        if not isinstance(s, dict) or s.get("data_free") is not True:
+            continue
+        folder = Path(run.get("_dir") or ".") / GENERATED_DIR / str(s.get("name"))
+        grids = sorted(((e, p) for p in (folder.glob("epoch_*.png") if folder.is_dir() else [])
+                        if (e := _grid_epoch(p)) is not None and p.is_file()), key=lambda t: t[0])
+        epoch, path = grids[-1] if grids else (None, None)
+        out.append({"stage": str(s.get("name")), "epochs": s.get("epochs"), "cached": bool(s.get("cached")),
+                    "path": str(path) if path is not None else None, "epoch": epoch})
+    return out
+
+
+def _run_label(run: dict) -> str:
+    return f"{run.get('experiment') or run.get('method') or '-'}, seed {run.get('seed', '-')}"
+
+
 # ----------------------------------------------------------------------------------------- aggregation
 
 def stats(values: Iterable[float | None]) -> dict:
@@ -255,8 +286,13 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
                "n_failed": len(members) - len(done), "last_k": last_k,
                "student_stage": students[0].get("name") if students else None}
         best = [s.get("test_acc", (r.get("final") or {}).get("test_acc")) for r, s in zip(done, students)]
+        # a data-free student reports its last epoch as test_acc; the epoch picked on the real validation
+        # split (a use of data) is its test_acc_best_val. For every other stage the two are the same.
+        best_val = [s.get("test_acc_best_val", b) if s.get("data_free") else b for s, b in zip(students, best)]
+        row["data_free"] = any(s.get("data_free") is True for s in students)
         for prefix, values in (("student_test_acc", best),
-                               ("student_test_acc_last", [s.get("test_acc_last") for s in students])):
+                               ("student_test_acc_last", [s.get("test_acc_last") for s in students]),
+                               ("student_test_acc_best_val", best_val)):
             row.update({f"{prefix}_{k}": v for k, v in stats(values).items() if k != "n"})
         params = stats(s.get("params") for s in students)["mean"]
         row["student_params"] = None if params is None else round(params)
@@ -277,6 +313,7 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
             row["stages"][name] = {"role": st[0].get("role"), "mean": acc["mean"], "std": acc["std"],
                                    "n": acc["n"], "params": st[0].get("params")}
         row["val_curves"] = curves
+        row["generated_grids"] = [g["path"] for r in done for g in generated_grids(r) if g["path"]]
         rows.append(row)
     return rows
 
@@ -347,9 +384,49 @@ def table_specs(rows: list[dict], by: Sequence[str]) -> dict[str, tuple[list[str
     return {"Student accuracy": (acc_head, acc), "Stages": (stage_head, stage), "Stability": (stab_head, stab)}
 
 
-STABILITY_NOTE = ("student's final (best-on-val) test accuracy over runs; fluctuation = mean |Δ val acc| between "
-                  "consecutive epochs over the last {k} epochs, in percentage points, averaged over runs")
+STABILITY_NOTE = ("student's final (best-on-val; a data-free student's: last epoch) test accuracy over runs; "
+                  "fluctuation = mean |Δ val acc| between consecutive epochs over the last {k} epochs, in "
+                  "percentage points, averaged over runs")
 STAGES_NOTE = "test accuracy of every stage, mean ± std over runs"
+
+
+def data_free_note(rows: list[dict]) -> str | None:
+    """What "student test acc" means for the data-free groups, with their best-on-val numbers; None if none."""
+    free = [r for r in rows if r.get("data_free")]
+    if not free:
+        return None
+    best = "; ".join(f"{r['group']} {pct_pm(r['student_test_acc_best_val_mean'], r['student_test_acc_best_val_std'])}"
+                     for r in free)
+    return ("data-free students (" + ", ".join(r["group"] for r in free) + "): their student test acc is the "
+            "last epoch's, since choosing an epoch on the real validation split is a use of data; their "
+            f"best-on-val test accuracy, for comparison only: {best}")
+
+
+def table_note(title: str, rows: list[dict]) -> str | None:
+    """The note under one of :func:`table_specs`' tables (None: none)."""
+    if title == "Stability":
+        return STABILITY_NOTE.format(k=rows[0]["last_k"] if rows else DEFAULT_LAST_K)
+    if title == "Stages":
+        return STAGES_NOTE
+    if title == "Student accuracy":
+        return data_free_note(rows)  # group names are data: never passed through str.format
+    return None
+
+
+def grid_rows(runs: list[dict]) -> list[list[str]]:
+    """run, stage, last grid (or why there is none) for every data-free stage of the completed runs."""
+    out = []
+    for r in runs:
+        if r.get("status") != "completed":
+            continue
+        for g in generated_grids(r):
+            where = g["path"] or ("none here: the stage was reused from the store, its grids are in the run "
+                                  "that trained it" if g["cached"] else "none found in the run directory")
+            out.append([_run_label(r), g["stage"], where])
+    return out
+
+
+GRID_HEAD = ["run", "stage", "last generated grid"]
 
 
 def failed_rows(runs: list[dict]) -> list[list[str]]:
@@ -363,6 +440,7 @@ FAILED_HEAD = ["method", "seed", "status", "error", "results.json"]
 
 def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped: list, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
@@ -372,13 +450,22 @@ def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped:
     console.print(f"[bold]{len(runs)} run(s)[/]: {n_done} completed, {len(runs) - n_done} failed, "
                   f"{len(skipped)} corrupted file(s) skipped; grouped by {', '.join(by)}")
     for title, (head, body) in table_specs(rows, by).items():
-        note = {"Stability": STABILITY_NOTE, "Stages": STAGES_NOTE}.get(title)
+        note = table_note(title, rows)
         table = Table(title=title, title_justify="left", title_style="bold",
-                      caption=note.format(k=rows[0]["last_k"]) if note else None, caption_justify="left")
+                      caption=escape(note) if note else None, caption_justify="left")
         for i, h in enumerate(head):  # wrap (never crop) when the terminal is narrow
             table.add_column(h, justify="left" if i < len(by) else "right", overflow="fold")
         for line in body:
             table.add_row(*line)
+        console.print(table)
+    grids = grid_rows(runs)
+    if grids:
+        table = Table(title="Generated images (data-free stages; embedded in comparison.html)",
+                      title_justify="left", title_style="bold")
+        for h in GRID_HEAD:
+            table.add_column(h, overflow="fold")
+        for line in grids:
+            table.add_row(*map(escape, line))  # paths and names are data, not rich markup
         console.print(table)
     failed = failed_rows(runs)
     if failed:
@@ -398,17 +485,20 @@ def csv_columns(rows: list[dict], by: Sequence[str]) -> list[str]:
     return ["group", *by, "n", "n_failed", "student_stage",
             *[f"student_test_acc_{k}" for k in stat], *[f"student_test_acc_last_{k}" for k in stat],
             *stage_cols, "student_params", "wall_seconds_mean", "last_k",
-            "val_fluct_mean", "val_fluct_std", "val_fluct_max"]
+            "val_fluct_mean", "val_fluct_std", "val_fluct_max",
+            # data-free students: student_test_acc_* is their last epoch; this is the best-on-val epoch's
+            "data_free", "student_test_acc_best_val_mean", "student_test_acc_best_val_std", "generated_grids"]
 
 
 def write_csv(rows: list[dict], by: Sequence[str], path: str | os.PathLike) -> None:
-    """One row per group; accuracies as fractions (as in results.json), empty where undefined."""
+    """One row per group; accuracies as fractions (as in results.json), empty where undefined;
+    ``generated_grids``: the last grid of each of the group's data-free runs, ``;``-separated."""
     cols = csv_columns(rows, by)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            flat = {**r, **r["fields"]}
+            flat = {**r, **r["fields"], "generated_grids": ";".join(r.get("generated_grids") or []) or None}
             for name, s in r["stages"].items():
                 flat[f"acc_{name}_mean"], flat[f"acc_{name}_std"] = s["mean"], s["std"]
             w.writerow({c: "" if flat.get(c) is None else flat[c] for c in cols})
@@ -425,6 +515,8 @@ th{background:#f6f8fa;font-weight:600;white-space:normal;vertical-align:bottom}.
 tr:nth-child(even) td{background:#fafbfc}table.text td,table.text th{text-align:left}td.wrap{white-space:normal;text-align:left;max-width:520px}
 .fail td{background:#fff5f5!important}figure{margin:12px 0 24px}figure img{max-width:100%;
 border:1px solid #d0d7de}figcaption{color:#57606a;font-size:.9em}.warn{color:#9a6700}
+.grids{display:flex;flex-wrap:wrap;gap:16px}.grids figure{margin:4px 0;max-width:360px}
+.grids img{width:320px;image-rendering:pixelated}.grids figcaption{overflow-wrap:anywhere}
 """
 
 
@@ -455,9 +547,8 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
              + (f" from {e(', '.join(map(str, sources)))}" if sources else "") + ".</p>"]
     for name, (head, body) in table_specs(rows, by).items():
         parts.append(f"<h2>{e(name)}</h2>")
-        note = {"Stability": STABILITY_NOTE, "Stages": STAGES_NOTE}.get(name)
-        if note:
-            text = note.format(k=rows[0]["last_k"])
+        text = table_note(name, rows)
+        if text:
             parts.append(f"<p class='meta'>{e(text[0].upper() + text[1:])}.</p>")
         parts.append(_html_table(head, body, n_keys=len(by)))
     captions = {"chain": "Test accuracy of every stage along the chain (mean ± std over runs).",
@@ -469,6 +560,7 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
             b64 = base64.b64encode(png).decode("ascii")
             parts.append(f"<figure><img alt='{e(name)}' src='data:image/png;base64,{b64}'>"
                          f"<figcaption>{e(captions.get(name, name))}</figcaption></figure>")
+    parts.extend(grid_section(runs))
     failed = failed_rows(runs)
     parts.append(f"<h2>Failed runs ({len(failed)})</h2>")
     parts.append(_html_table(FAILED_HEAD, failed, n_keys=0, cls="text fail", wrap=(3, 4)) if failed
@@ -488,6 +580,42 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
                  + _html_table(head, per_run, n_keys=len(keys), wrap=(len(head) - 1,)) + "</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def grid_section(runs: list[dict]) -> list[str]:
+    """The last generated grid of every data-free stage, as HTML (nothing when there is none).
+
+    The PNGs are embedded as base64 data URIs, like the plots, not linked: the page stays one
+    self-contained file that still shows them when it is moved, mailed or published (docs/results/)
+    without the run directories, which a study keeps elsewhere and may delete; a grid is a few tens of KB
+    (64 images of 28x28 or 32x32)."""
+    e = html.escape
+    figures = []
+    for r in runs:
+        if r.get("status") != "completed":
+            continue
+        for g in generated_grids(r):
+            what = f"{_run_label(r)}, stage {g['stage']}"
+            if g["path"] is None:
+                why = ("reused from the store: its grids are in the directory of the run that trained it"
+                       if g["cached"] else "no generated/<stage>/epoch_*.png in its run directory")
+                figures.append(f"<figure><figcaption>{e(what)}: no grid ({e(why)}).</figcaption></figure>")
+                continue
+            try:
+                png = Path(g["path"]).read_bytes()
+            except OSError as err:
+                figures.append(f"<figure><figcaption>{e(what)}: cannot read {e(g['path'])} "
+                               f"({e(err.strerror or str(err))}).</figcaption></figure>")
+                continue
+            epochs = f" of {g['epochs']}" if g["epochs"] else ""
+            figures.append(f"<figure><img alt='{e(what)}' src='data:image/png;base64,"
+                           f"{base64.b64encode(png).decode('ascii')}'><figcaption>{e(what)}: epoch "
+                           f"{g['epoch'] + 1}{e(epochs)} ({e(g['path'])})</figcaption></figure>")
+    if not figures:
+        return []
+    return ["<h2>Generated images</h2><p class='meta'>The last grid of generated images of each data-free "
+            "stage (64 images from a fixed latent batch, min-max scaled for viewing), from its run directory.</p>"
+            "<div class='grids'>" + "".join(figures) + "</div>"]
 
 
 def write_outputs(rows: list[dict], runs: list[dict], by: Sequence[str], out: Path, plots: bool = True,

@@ -50,22 +50,24 @@ def tick_label(row: dict) -> str:
 
 
 def plot_student(rows: list[dict]) -> bytes:
-    """Student test accuracy per group: best-on-val and last epoch, error bars = sample std."""
+    """Student test accuracy per group: best-on-val and last epoch, error bars = sample std. The best-on-val
+    bar is that epoch's for every group, a data-free student's too (its ``test_acc_best_val``; the number it
+    reports is the last epoch's)."""
     fig = Figure(figsize=(max(6.0, 0.9 * len(rows) + 3), 4.2))
     ax = fig.add_subplot()
     width = 0.38
-    for offset, key, label, alpha in ((-width / 2, "student_test_acc", "best-on-val checkpoint", 0.9),
+    for offset, key, label, alpha in ((-width / 2, "student_test_acc_best_val", "best-on-val checkpoint", 0.9),
                                       (width / 2, "student_test_acc_last", "last epoch", 0.5)):
         xs = [i + offset for i, r in enumerate(rows) if r[f"{key}_mean"] is not None]
         ys = [r[f"{key}_mean"] * 100 for r in rows if r[f"{key}_mean"] is not None]
         es = [(r[f"{key}_std"] or 0) * 100 for r in rows if r[f"{key}_mean"] is not None]
         if xs:
             ax.bar(xs, ys, width, yerr=es, capsize=4, alpha=alpha, label=label, color="tab:blue")
-    lows = [r["student_test_acc_min"] for r in rows if r["student_test_acc_min"] is not None]
-    lows += [r["student_test_acc_last_min"] for r in rows if r["student_test_acc_last_min"] is not None]
+    keys = ("student_test_acc_best_val", "student_test_acc_last")
+    lows = [r[f"{k}_min"] for r in rows for k in keys if r[f"{k}_min"] is not None]
     if lows:  # zoom in on the differences instead of starting the bars at 0
         ax.set_ylim(max(0.0, min(lows) * 100 - 5), min(100.0, max(
-            (r["student_test_acc_max"] or 0) for r in rows) * 100 + 3))
+            (r[f"{k}_max"] or 0) for r in rows for k in keys) * 100 + 3))
     labels = [f"{tick_label(r)}\n(n={r['n']})" for r in rows]
     long = max((len(t) for t in labels), default=0) > 90 / max(len(rows), 1)  # would overlap its neighbours
     ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=20 if long else 0, ha="right" if long else "center")

@@ -84,10 +84,24 @@ def experiment_command(study: dict, sweep: dict, experiment: str, seeds: Sequenc
     return command_line(sweep_args(study, one, seeds, extra))
 
 
+def row_name(args: Sequence[str], experiment: str) -> str:
+    """An experiment's name in the tables: the ``experiment_name=`` a sweep's arguments set, else its own."""
+    names = [str(a).split("=", 1)[1] for a in args if str(a).startswith("experiment_name=")]
+    return names[-1] if names else experiment
+
+
 # --------------------------------------------------------------------------------------------- tables
 
+DATA_FREE_FOOTNOTE = ("† A data-free student (DAFL, `data_free: true`): the number it reports is its **last "
+                      "epoch** (bold), since choosing an epoch on the real validation split is a use of data; its "
+                      "best-on-val column is that choice, shown for comparison only.")
+
+
 def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: str = "") -> str:
-    """One part's results table: the student (best-on-val and last epoch), every source stage, the command."""
+    """One part's results table: the student (best-on-val and last epoch), every source stage, the command.
+
+    A data-free student's row (DAFL) is marked †: its best-on-val cell is the epoch picked on the real
+    validation split (``test_acc_best_val``), its last-epoch cell, the number it reports, is bold."""
     sources = [n for n in compare.all_stage_names(rows) if n not in {r["student_stage"] for r in rows}]
     head = ["experiment", "n", "student best-on-val %", "student last epoch %", "range (pp)",
             *[f"{s} %" for s in sources], "wall / run", "command"]
@@ -97,14 +111,20 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         exp = str(r["fields"].get("experiment"))
-        cells = [exp, str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
-                 compare.pct_pm(r["student_test_acc_mean"], r["student_test_acc_std"]),
-                 compare.pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"]),
+        free = bool(r.get("data_free"))
+        best = compare.pct_pm(r.get("student_test_acc_best_val_mean", r["student_test_acc_mean"]),
+                              r.get("student_test_acc_best_val_std", r["student_test_acc_std"]))
+        last = compare.pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"])
+        cells = [exp + (" †" if free else ""), str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
+                 best + (" †" if free else ""), f"**{last}**" if free else last,
                  compare.pct(r["student_test_acc_range"]),
                  *[compare.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                    for s in sources],
                  compare.fmt_seconds(r["wall_seconds_mean"]), f"`{commands.get(exp, '-')}`"]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("data_free") for r in rows):
+        lines += ["", DATA_FREE_FOOTNOTE + " Its generated images (the last grid of each run) are in this part's "
+                  "`comparison.html`."]
     return "\n".join(lines) + "\n"
 
 
@@ -153,12 +173,14 @@ def tables(study: dict, record: dict, out: Path, plots: bool) -> str:
             compare.warn(f"{part}: {e}")
             continue
         rows = compare.aggregate(runs, by, int(study["last_k"]))
-        order = [e for s in study["sweeps"] if s["part"] == part for e in s["experiments"]]
+        order = [row_name(s.get("overrides", []), e) for s in study["sweeps"] if s["part"] == part
+                 for e in s["experiments"]]
         rows.sort(key=lambda r: order.index(r["fields"].get("experiment"))
                   if r["fields"].get("experiment") in order else len(order))
         written = compare.write_outputs(rows, runs, by, out / part, plots=plots, skipped=skipped,
                                         sources=[str(d) for d in dirs])
-        commands = {e: c for s in record["sweeps"] if s["part"] == part for e, c in s["commands"].items()}
+        commands = {row_name(s.get("args", []), e): c for s in record["sweeps"] if s["part"] == part
+                    for e, c in s["commands"].items()}
         md = part_markdown(meta.get("title", part), rows, commands, meta.get("note", ""))
         (out / part / "comparison.md").write_text(md, encoding="utf-8")
         print("wrote " + ", ".join(str(w) for w in [*written, out / part / "comparison.md"]))

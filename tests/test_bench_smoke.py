@@ -220,3 +220,34 @@ def test_views_benchmark(bench):
     assert d["cifar100_bytes_per_source"] == {"fp16": 50_000 * 162 * 100 * 2,
                                               "top10": 50_000 * 162 * (10 * 2 + 10 * 2 + 2),
                                               "top20": 50_000 * 162 * (20 * 2 + 20 * 2 + 2)}
+
+
+def test_dafl_cost(bench):
+    """A DAFL step against a KD step on real images of the same batch: every student stage trained (not
+    reused) from one shared teacher, the DAFL one data-free with as many steps per epoch as KD has batches."""
+    _, o = bench
+    import bench_dafl
+
+    result = bench_dafl.run(o)
+    figs = _figures(result)
+    assert set(figs) == {"i_dafl_ms", "i_kd_ms", "i_dafl_cost", "i_dafl_cost_cached"}
+    details = result["details"]
+    batch, steps, best = details["batch"], details["steps_per_epoch"], details["best"]
+    train = 270  # 300 images less the 10 % validation split
+    assert batch == bench_dafl.QUICK_BATCH and steps == math.ceil(train / batch)
+    runs = [r for rs in details["runs"].values() for r in rs]
+    assert len(runs) == 3 and len({r["teacher_key"] for r in runs}) == 1  # one teacher, from the store after the first
+    assert [r["teacher_trained_here"] for r in runs][1:] == [False, False]
+    assert best["dafl"]["data_free"] and best["dafl"]["extra_params"] > 0  # the generator
+    assert not best["kd (live)"]["data_free"] and not best["kd (cached)"]["data_free"]
+    for r in runs:
+        assert r["steps_per_epoch"] == steps and 0.0 <= r["test_acc"] <= 1.0
+        assert r["ms_per_step"] == pytest.approx(1000 * batch * r["timed_seconds"] / r["timed_samples"], rel=1e-2, abs=0.01)
+    # the timer skips each epoch's first step; DAFL's steps are all full batches, KD's last one is partial
+    assert best["dafl"]["timed_samples"] == best["dafl"]["epochs"] * (steps - 1) * batch
+    assert best["kd (live)"]["timed_samples"] == best["kd (live)"]["epochs"] * (train - batch)
+    assert figs["i_dafl_ms"]["value"] == best["dafl"]["ms_per_step"] and figs["i_dafl_ms"]["unit"] == "ms"
+    assert figs["i_kd_ms"]["value"] == best["kd (live)"]["ms_per_step"]
+    assert figs["i_dafl_cost"]["value"] == round(best["dafl"]["ms_per_step"] / best["kd (live)"]["ms_per_step"], 3)
+    assert figs["i_dafl_cost_cached"]["value"] == round(
+        best["dafl"]["ms_per_step"] / best["kd (cached)"]["ms_per_step"], 3)

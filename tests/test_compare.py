@@ -268,3 +268,105 @@ def test_html_in_headless_chromium(sweep, tmp_path):
     dom = r.stdout
     assert "<table" in dom and "Student accuracy" in dom and "Stability" in dom
     assert dom.count("data:image/png;base64,") == 3 and "Uncaught" not in r.stderr
+
+
+# ------------------------------------------------------------------ data-free runs: their generated images
+
+def dafl_results(seed: int, cached: bool = False, last: float = 0.60, best_val: float = 0.62) -> dict:
+    """results.json of a dafl_fashion_mnist run, in the runner's format (kdlab/pipeline/runner.py): a data-free
+    student's test_acc is its last epoch's, test_acc_best_val the epoch picked on the real validation split."""
+    teacher = _stage("teacher", "teacher", 0.86, 0.86, [0.80, 0.84, 0.86], 61_706, [])
+    student = {**_stage("student", "student", last, last, [0.31, 0.55, 0.63, 0.61], 15_738, ["teacher"]),
+               "arch": "lenet5_half", "cached": cached, "extra_params": 856_065, "best_epoch": 2, "epochs": 11,
+               "val_acc": 0.61, "data_free": True, "test_acc_best_val": best_val, "val_acc_best": 0.63}
+    return {"schema": 1, "kdlab_version": "0.1.0", "experiment": "dafl_fashion_mnist", "method": "dafl",
+            "dataset": "fashion_mnist", "seed": seed, "overrides": [f"seed={seed}"], "status": "completed",
+            "stages": [teacher, student],
+            "final": {"stage": "student", "test_acc": last, "test_acc_last": last, "val_acc": 0.61},
+            "wall_seconds": 120.0, "config": {}}
+
+
+def save_grid(path: Path, value: float) -> bytes:
+    """A real 8x8 grid of 1x28x28 images, as DataFreeModule.save_grid writes it."""
+    import torch
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = torch.full((64, 1, 28, 28), value)
+    images[:, :, ::3] = 0.0  # not constant, so that normalize=True keeps the picture
+    save_image(images, str(path), nrow=8, normalize=True)
+    return path.read_bytes()
+
+
+@pytest.fixture()
+def dafl_sweep(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """Two trained DAFL runs (grids of epochs 0, 9 and 10, and a stray file), one whose student came from
+    the store (no grids in its directory), and a KD run (not data-free)."""
+    import base64
+
+    root = tmp_path / "multirun"
+    last: dict[str, bytes] = {}
+    for job, seed in ((0, 0), (1, 1)):
+        d = root / str(job)
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(dafl_results(seed, last=0.60 + seed / 100)))
+        grids = d / "generated" / "student"
+        for epoch in (0, 9):
+            save_grid(grids / f"epoch_{epoch:03d}.png", 0.1 * (epoch + 1) + seed)
+        last[str(grids / "epoch_010.png")] = save_grid(grids / "epoch_010.png", 5.0 + seed)
+        (grids / "epoch_latest.png").write_bytes(PNG_MAGIC)  # not a grid name: ignored
+    (root / "2").mkdir()
+    (root / "2" / "results.json").write_text(json.dumps(dafl_results(2, cached=True)))
+    (root / "3").mkdir()
+    (root / "3" / "results.json").write_text(json.dumps(results_for("kd", 0)))
+    return root, {p: base64.b64encode(b).decode("ascii") for p, b in last.items()}
+
+
+def test_generated_grids_of_data_free_runs(dafl_sweep):
+    root, last = dafl_sweep
+    runs = {r["_dir"]: r for r in compare.load_runs([root])}
+    assert compare.generated_grids(runs[str((root / "3").resolve())]) == []  # KD: no data-free stage
+    g = compare.generated_grids(runs[str((root / "0").resolve())])
+    assert g == [{"stage": "student", "epochs": 11, "cached": False, "epoch": 10,
+                  "path": str((root / "0" / "generated" / "student" / "epoch_010.png").resolve())}]
+    assert compare.generated_grids(runs[str((root / "2").resolve())]) == [
+        {"stage": "student", "epochs": 11, "cached": True, "epoch": None, "path": None}]
+
+    rows = compare.aggregate(list(runs.values()), ["method"])
+    dafl, kd = _row(rows, "dafl"), _row(rows, "kd")
+    assert dafl["data_free"] is True and kd["data_free"] is False
+    # the reported number of a data-free student is its last epoch; best-on-val is labelled, not reported
+    assert dafl["student_test_acc_mean"] == pytest.approx((0.60 + 0.61 + 0.60) / 3)
+    assert dafl["student_test_acc_best_val_mean"] == pytest.approx(0.62)
+    assert kd["student_test_acc_best_val_mean"] == kd["student_test_acc_mean"] == 0.801
+    assert sorted(dafl["generated_grids"]) == sorted(str(Path(p).resolve()) for p in last)
+
+
+def test_html_embeds_the_last_grid_of_each_data_free_run(dafl_sweep, tmp_path, capsys):
+    root, last = dafl_sweep
+    out = tmp_path / "report"
+    assert compare.main([str(root), "--out", str(out), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "Generated images" in printed and "reused from the store" in printed
+    assert "data-free students (dafl)" in printed and "62.00 ± 0.00" in printed  # the best-on-val, labelled
+
+    page = (out / "comparison.html").read_text()
+    assert "<h2>Generated images</h2>" in page
+    assert page.count("data:image/png;base64,") == 2  # the two trained runs' last grids, nothing else
+    for b64 in last.values():  # the last grid's own bytes, embedded: the page needs no run directory
+        assert f"data:image/png;base64,{b64}'" in page
+    for seed in (0, 1):  # epoch_010.png (0-based) is the 11th and last epoch, after epoch_009 by number
+        assert f"dafl_fashion_mnist, seed {seed}, stage student: epoch 11 of 11 (" in page
+    assert "dafl_fashion_mnist, seed 2, stage student: no grid (reused from the store" in page
+    assert "<script" not in page.lower() and "file://" not in page and "src='/" not in page
+
+    with open(out / "comparison.csv", newline="") as fh:
+        table = {r["group"]: r for r in csv.DictReader(fh)}
+    assert sorted(table["dafl"]["generated_grids"].split(";")) == sorted(str(Path(p).resolve()) for p in last)
+    assert table["dafl"]["data_free"] == "True" and table["kd"]["generated_grids"] == ""
+    assert float(table["dafl"]["student_test_acc_best_val_mean"]) == pytest.approx(0.62)
+
+    # a report without data-free runs has no such section (and the grids cost nothing)
+    shutil.rmtree(out)
+    assert compare.main([str(root / "3"), "--out", str(out), "--no-plots"]) == 0
+    assert "Generated images" not in (out / "comparison.html").read_text()

@@ -52,6 +52,19 @@ def test_a_study_naming_an_unknown_experiment_is_refused(tmp_path):
         study.load_study(str(bad))
 
 
+def test_a_sweep_renaming_its_experiment_gets_its_command_and_place_in_the_table():
+    """The library part runs one recipe under many experiment_name= overrides: each row is one of them."""
+    assert study.row_name(["distill=dkd", "experiment_name=lib_dkd"], "library_fashion_mnist") == "lib_dkd"
+    assert study.row_name(["distill=dkd"], "library_fashion_mnist") == "library_fashion_mnist"
+    spec = study.load_study("fashion_mnist")
+    library = [s for s in spec["sweeps"] if s["part"] == "library"]
+    names = [study.row_name(s.get("overrides", []), e) for s in library for e in s["experiments"]]
+    assert len(set(names)) == len(names) == 12  # alone, KD, ten library methods (KD+LS counted as one)
+    dkd = next(s for s in library if "distill=dkd" in s.get("overrides", []))
+    args = study.sweep_args(spec, dkd, [0, 1, 2], [])
+    assert study.row_name(args, "library_fashion_mnist") == "lib_dkd_fashion_mnist"
+
+
 def test_readme_block_is_replaced_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{study.BEGIN}\nold table\n{study.END}\nafter\n")
@@ -97,3 +110,34 @@ def test_small_study_end_to_end_with_a_failing_sweep(tmp_path):
                   "--no-plots")
     assert r.returncode == 1 and "training" not in r.stdout, r.stdout + r.stderr  # 1: a sweep had failed
     assert (tmp_path / "again" / "results.md").read_text() == md
+
+
+def test_dafl_part_shares_one_teacher_and_its_table_reports_the_last_epoch():
+    """The dafl part: the with-data, noise and DAFL students of one pinned teacher, 3 seeds; in its table a
+    data-free row's best-on-val cell is test_acc_best_val (marked †), the last epoch, which it reports, bold."""
+    cfg = study.load_study("fashion_mnist")
+    sweeps = [s for s in cfg["sweeps"] if s["part"] == "dafl"]
+    assert [s["experiments"] for s in sweeps] == [["dafl_kd_fashion_mnist", "dafl_noise_fashion_mnist",
+                                                  "dafl_fashion_mnist"]]
+    assert "+pipeline.per_stage.teacher.seed=0" in sweeps[0]["overrides"] and cfg["seeds"] == [0, 1, 2]
+    assert "last epoch" in cfg["parts"]["dafl"]["note"]
+
+    def run(exp: str, seed: int, last: float, best: float, data_free: bool) -> dict:
+        student = {"name": "student", "role": "student", "params": 15_738, "test_acc": last if data_free else best,
+                   "test_acc_last": last, "val_curve": [0.5, 0.6]}
+        if data_free:
+            student.update(data_free=True, test_acc_best_val=best)
+        return {"experiment": exp, "seed": seed, "status": "completed", "wall_seconds": 60.0, "_dir": "/nonexistent",
+                "_path": f"/nonexistent/{exp}/{seed}/results.json", "final": {"stage": "student"},
+                "stages": [{"name": "teacher", "role": "teacher", "test_acc": 0.86, "params": 61_706}, student]}
+
+    runs = [run("dafl_kd_fashion_mnist", s, 0.84, 0.85, False) for s in (0, 1)]
+    runs += [run("dafl_fashion_mnist", s, 0.60, 0.62, True) for s in (0, 1)]
+    md = study.part_markdown("DAFL", study.compare.aggregate(runs, ["experiment"]), {}, "a note")
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in md.splitlines()
+                              if line.startswith("| dafl"))}
+    assert rows["dafl_fashion_mnist †"][2:4] == ["62.00 ± 0.00 †", "**60.00 ± 0.00**"]
+    assert rows["dafl_kd_fashion_mnist"][2:4] == ["85.00 ± 0.00", "84.00 ± 0.00"]
+    assert study.DATA_FREE_FOOTNOTE in md and "comparison.html" in md
+    # a part without data-free rows has no footnote
+    assert "†" not in study.part_markdown("KD", study.compare.aggregate(runs[:2], ["experiment"]), {})
