@@ -88,7 +88,7 @@ def test_strategy_rejects_bad_values():
         build_strategy({"strategy": "kd", "temperature": 0}, ctx)
     with pytest.raises(ConfigError, match=r"lam.*\[0, 1\]"):
         build_strategy({"strategy": "kd", "lam": 1.5}, ctx)
-    with pytest.raises(ConfigError, match="known: at, ce, crd, dgkd, dist, dkd, feed, fitnet, kd, pkt, reviewkd, rkd, sp"):
+    with pytest.raises(ConfigError, match="known: at, ce, crd, dafl, dgkd, dist, dkd, feed, fitnet, kd, pkt, reviewkd, rkd, sp"):
         build_strategy({"strategy": "nope"}, ctx)
     with pytest.raises(ConfigError, match="code, paper|paper, code"):
         build_strategy({"strategy": "dgkd", "ce_weight": "both"}, ctx)
