@@ -197,6 +197,7 @@ def test_per_stage_seed_fixes_one_stage():
     assert specs[0].seed == 0 and all(s.seed == 5 for s in specs[1:])
 
 
+@pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
 def test_store_key_holds_the_resolved_precision(tmp_path):
     """trainer.precision=auto is keyed by what it resolves to here: fp32 weights are never reused for a bf16
     run (or the reverse), and auto reuses the stage of the explicit precision it stands for."""

@@ -75,6 +75,7 @@ def test_readme_block_is_replaced_between_the_markers(tmp_path):
         study.update_readme("| new |\n", readme)
 
 
+@pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
 def test_small_study_end_to_end_with_a_failing_sweep(tmp_path):
     """Two parts on synthetic data, two seeds: the good part's tables are written from its run directories
     and the failing sweep is recorded; the study exits 1."""

@@ -196,6 +196,7 @@ def test_sweep_status_counts_only_this_sweeps_jobs(tmp_path):
 
 
 # -- submitit ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
 def test_submitit_local_sweep(tmp_path):
     r = sweep_cli([*TINY, *TWO_STAGES, "distill.temperature=2,4", "hydra/launcher=submitit_local",
                    "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1"],
@@ -299,6 +300,7 @@ def test_slurm_preset_on_a_fake_cluster(tmp_path):
 
 
 # -- Optuna --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
 def test_optuna_sweep_returns_the_students_val_acc(tmp_path):
     # no -m: the config sets MULTIRUN itself
     r = sweep_cli([*TINY, *TWO_STAGES, "hparams_search=dgkd_optuna", "hydra.sweeper.n_trials=2",
@@ -318,6 +320,7 @@ def test_optuna_sweep_returns_the_students_val_acc(tmp_path):
     assert sum(not stage(res, "teacher")["cached"] for res in jobs.values()) == 1
 
 
+@pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
 def test_optuna_survives_a_failed_trial(tmp_path):
     # TPE (seed 1234) draws T = -1 first, then 4: a failed trial, then a good one
     r = sweep_cli([*TINY, *TWO_STAGES, "hparams_search=dgkd_optuna", "hydra.sweeper.n_trials=2",

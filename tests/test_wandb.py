@@ -135,6 +135,7 @@ def test_one_offline_wandb_run_per_trained_stage(tmp_path):
     assert offline_runs(tmp_path / "run2") == []
 
 
+@pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
 def test_a_failed_stage_ends_its_wandb_run_as_failed(tmp_path):
     r = run_with_wandb([*TWO_STAGES, "optimizer.lr=1e30"], tmp_path / "out", tmp_path / "run", tmp_path / "home")
     assert r.returncode == 1 and "loss is nan" in r.stderr, r.stderr[-3000:]
