@@ -268,19 +268,24 @@ def test_topk_view_caches_are_smaller_checked_and_another_cache_than_fp16(dm, tm
     assert "fails its checksum; recomputing it" in capsys.readouterr().err
 
 
+def planned_keys(store, tmp_path, *extra):
+    """The run's view plan (check_stages) and every stage's store key under it, as the runner computes them."""
+    cfg = compose_config(*TINY, f"paths.store_dir={store}", *extra)
+    ctx = run_context(cfg, tmp_path)
+    specs = build_stages(cfg)
+    assemble.check_stages(specs, ctx)
+    keys: dict[str, str] = {}
+    for spec in specs:
+        keys[spec.name] = stage_key(assemble.stage_description(spec, ctx, [keys[s] for s in spec.sources]))
+    return ctx, keys
+
+
 def test_a_student_taught_from_topk_views_is_another_stage(tmp_path):
     """The top-k reconstruction changes what the student learns: its key says so (its sources' do not)."""
     store = tmp_path / "store"
 
     def keys(*extra):
-        cfg = compose_config(*TINY, f"paths.store_dir={store}", *extra)
-        ctx = run_context(cfg, tmp_path)
-        specs = build_stages(cfg)
-        assemble.check_stages(specs, ctx)
-        out: dict[str, str] = {}
-        for spec in specs:
-            out[spec.name] = stage_key(assemble.stage_description(spec, ctx, [out[s] for s in spec.sources]))
-        return out
+        return planned_keys(store, tmp_path, *extra)[1]
 
     full, top5, top3 = (keys("distill.cache=views"), keys("distill.cache=views", "distill.view_topk=5"),
                         keys("distill.cache=views", "distill.view_topk=3"))
@@ -325,13 +330,7 @@ def test_auto_picks_views_per_source_from_the_epochs_it_teaches(tmp_path, monkey
     store = tmp_path / "store"
 
     def plan(*extra):
-        cfg = compose_config(*TINY, f"paths.store_dir={store}", "distill.cache=auto", *extra)
-        ctx = run_context(cfg, tmp_path)
-        specs = build_stages(cfg)
-        assemble.check_stages(specs, ctx)
-        keys: dict[str, str] = {}
-        for spec in specs:
-            keys[spec.name] = stage_key(assemble.stage_description(spec, ctx, [keys[s] for s in spec.sources]))
+        ctx, keys = planned_keys(store, tmp_path, "distill.cache=auto", *extra)
         names = {v: k for k, v in keys.items()}
         return sorted(names[src] for src, _ in ctx.view_plan)
 

@@ -111,7 +111,9 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
                                 f"(is the validation split empty?)")
         best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint", error=StoreError))
         trainer.strategy.barrier("kdlab-best-read")  # DDP: every rank has read it before rank 0 drops work/
-        last_state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+        # a data-free stage stores its last epoch (taken before the best checkpoint's weights are loaded)
+        last_state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()} \
+            if data_free else None
         curve = list(module.val_curve)
         if curve and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1:
             test_best = test_last  # the best epoch is the last one: same weights, no second test pass
