@@ -57,11 +57,13 @@ def _rank_zero() -> bool:
 def register_configs() -> None:
     """``model=<zoo name>`` for every registered architecture, without a YAML file per model."""
     from kdlab.models import MODELS
+    from kdlab.models.quant import QUANT_DEFAULTS
 
     cs = ConfigStore.instance()
     for name in MODELS.names():
         cs.store(group="model", name=name, node={"arch": name, "on_the_fly": False, "on_the_fly_n": None,
-                                                   "on_the_fly_mode": "row", "kwargs": {}})
+                                                   "on_the_fly_mode": "row", "kwargs": {},
+                                                   "quant": dict(QUANT_DEFAULTS)})
 
 
 class SweepStatus(Callback):

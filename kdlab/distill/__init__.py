@@ -17,6 +17,7 @@ from kdlab.distill import pkt as _pkt  # noqa: F401
 from kdlab.distill import reviewkd as _reviewkd  # noqa: F401
 from kdlab.distill import rkd as _rkd  # noqa: F401
 from kdlab.distill import sp as _sp  # noqa: F401
+from kdlab.distill import speq as _speq  # noqa: F401
 from kdlab.distill.base import STRATEGIES, SourceOutput, Strategy, StudentOutput, build_strategy
 from kdlab.distill.losses import kd_loss
 from kdlab.distill.schedules import SCHEDULES, build_schedule

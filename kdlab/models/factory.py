@@ -83,6 +83,7 @@ def build_model(
     on_the_fly: bool = False,
     on_the_fly_n: int | None = None,
     on_the_fly_mode: str = "row",
+    quant: dict | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build zoo model `name` for `num_classes` classes and `in_channels`-channel images.
@@ -91,7 +92,8 @@ def build_model(
     every model takes `input_size` (int or [H, W], default 32; 28 for Fashion-MNIST) and most take
     `width_mult`; plain CNNs take `variant` ("cifar10" | "cifar100", default from num_classes); WRNs
     take `drop_rate`. `on_the_fly=True` returns the 1 x N twin (`to_on_the_fly`, n=`on_the_fly_n`,
-    mode=`on_the_fly_mode`). Unknown names or arguments raise ConfigError listing the accepted ones.
+    mode=`on_the_fly_mode`). `quant` ({weight_bits, act_bits, first_last}, `kdlab.models.quant`) then
+    quantizes its conv / linear layers. Unknown names or arguments raise ConfigError listing the accepted ones.
     """
     ctor = _constructor(name)
     num_classes = _positive_int("num_classes", num_classes)
@@ -113,4 +115,12 @@ def build_model(
         from kdlab.models.onthefly import to_on_the_fly
 
         model = to_on_the_fly(model, n=on_the_fly_n, mode=on_the_fly_mode)
+    if quant:
+        from kdlab.models.base import input_hw
+        from kdlab.models.quant import quant_config, to_quantized
+
+        q = quant_config(dict(quant))
+        if q is not None:
+            shape = (in_channels, *input_hw(kwargs.get("input_size", 32)))
+            model = to_quantized(model, q["weight_bits"], q["act_bits"], q["first_last"], input_shape=shape)
     return model

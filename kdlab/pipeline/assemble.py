@@ -21,6 +21,7 @@ from kdlab.loggers import logger_entries
 from kdlab.models import build_model, feature_shapes
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.modules.datafree import DataFreeModule
+from kdlab.modules.selfdistill import SelfDistillModule, self_teaching_layers
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runtime import compute_device, resolve_precision, sources_channels_last
 from kdlab.pipeline.source_cache import (
@@ -48,10 +49,16 @@ NON_SEMANTIC_TRAINER_KEYS = {
 
 def model_from_spec(spec: StageSpec, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     """The stage's model (its ``model`` entry: arch, on-the-fly settings, kwargs) for data of this shape."""
-    m = spec.model
+    return model_from_entry(spec.model, num_classes, in_channels, input_size)
+
+
+def model_from_entry(m: dict[str, Any], num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    """A model from a stage's ``model`` entry (arch, on-the-fly settings, quant, kwargs; as a stored stage's
+    meta.json holds it) for data of this shape: the one place a stage's model is built from its spec."""
     return build_model(m["arch"], num_classes=num_classes, in_channels=in_channels, input_size=input_size,
                        on_the_fly=bool(m.get("on_the_fly")), on_the_fly_n=m.get("on_the_fly_n"),
-                       on_the_fly_mode=m.get("on_the_fly_mode", "row"), **dict(m.get("kwargs") or {}))
+                       on_the_fly_mode=m.get("on_the_fly_mode", "row"), quant=m.get("quant"),
+                       **dict(m.get("kwargs") or {}))
 
 
 def build_stage_model(spec: StageSpec, dm: Any) -> nn.Module:
@@ -151,6 +158,10 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
               "on_nan": str(ctx.cfg.get("on_nan", "stop"))}
     ctx.dm.train_views = False  # training batches carry view ids only for a stage with view-cached sources
     if not sources:
+        strategy = STRATEGIES.get(str(spec.distill.get("strategy", "ce")))
+        if getattr(strategy, "self_distill", False):  # SPEQ: the network teaches itself
+            return SelfDistillModule(model, strategy=build_strategy(spec.distill, stage_context(spec, model, {}, ctx)),
+                                     seed=spec.seed, **common)
         return SupervisedModule(model, **common)
     source_models = {name: load_source(s_spec, rec, ctx) for name, (s_spec, rec) in sources.items()}
     strategy, t_taps = stage_strategy(spec, model, source_models, ctx)
@@ -178,16 +189,22 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
 def stage_strategy(spec: StageSpec, model: nn.Module, source_models: dict[str, nn.Module], ctx: RunContext
                    ) -> tuple[Any, list[str]]:
     """The stage's strategy (its feature taps resolved on the actual models) and the sources' taps."""
+    t_taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)[1]
+    return build_strategy(spec.distill, stage_context(spec, model, source_models, ctx)), t_taps
+
+
+def stage_context(spec: StageSpec, model: nn.Module, source_models: dict[str, nn.Module], ctx: RunContext
+                  ) -> StrategyContext:
+    """What the stage's strategy is told when it is built: the feature shapes of its taps, the data size."""
     shape = (ctx.dm.in_channels, ctx.dm.image_size, ctx.dm.image_size)
     s_taps, t_taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
-    sctx = StrategyContext(
+    return StrategyContext(
         stage=spec.name, source_names=list(source_models), num_classes=ctx.dm.num_classes,
         student_feature_shapes=feature_shapes(model, s_taps, shape) if s_taps else {},
         source_feature_shapes={n: feature_shapes(m, t_taps, shape) for n, m in source_models.items()}
         if t_taps else {},
         num_train=int(ctx.dm.train_size), max_epochs=int(spec.max_epochs),
     )
-    return build_strategy(spec.distill, sctx), t_taps
 
 
 def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
@@ -205,6 +222,9 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
                 raise ConfigError(f"stage {spec.name!r}: bad {what} config: {reason}") from e
         if spec.sources and not spec.checkpoint:
             stage_strategy(spec, model, {n: build_stage_model(by_name[n], ctx.dm) for n in spec.sources}, ctx)
+        elif getattr(STRATEGIES.get(str(spec.distill.get("strategy", "ce"))), "self_distill", False):
+            build_strategy(spec.distill, stage_context(spec, model, {}, ctx))
+            self_teaching_layers(model, spec.name)  # SPEQ needs quantized activations to switch
     ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
     logger_entries(ctx.cfg.get("logger"))
     callbacks = build_callbacks(ctx.cfg.get("callbacks"))

@@ -21,6 +21,7 @@ from kdlab.errors import (
     warn,
 )
 from kdlab.fileio import atomic_write_json
+from kdlab.models.quant import quant_report
 from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
@@ -91,11 +92,13 @@ def run_summary(cfg: dict[str, Any], dm: Any, specs: list[StageSpec]) -> str:
             f"({', '.join(s.name for s in specs)}): epochs {epochs}, lr {lrs}")
 
 
-def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict[str, Any]) -> dict[str, Any]:
+def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict[str, Any], dm: Any
+                 ) -> dict[str, Any]:
     meta = record.meta
     out = {"name": spec.name, "role": spec.role, "arch": spec.arch, "sources": spec.sources,
            "on_the_fly": bool(spec.model.get("on_the_fly")), "store_key": record.key, "cached": cached}
     out.update({k: meta.get(k) for k in STAGE_FIELDS})
+    out.update(quant_report(build_stage_model(spec, dm)))  # bit-widths and the size in bytes at them
     out.update({k: meta[k] for k in OPTIONAL_STAGE_FIELDS if k in meta})  # where they apply
     out["checkpoint"] = str(record.weights_path)
     out["csv_log"] = extra.get("csv_log")
@@ -155,7 +158,7 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                 else:
                     log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
             done[spec.name] = (spec, record)
-            results["stages"].append(stage_result(spec, record, cached, extra))
+            results["stages"].append(stage_result(spec, record, cached, extra, dm))
             if sync.leader:
                 atomic_write_json(results_path, results)  # progress, still status "running"
         last = results["stages"][-1]

@@ -25,6 +25,7 @@ from kdlab.data.loader import derive_seed
 from kdlab.distill.base import strategy_class
 from kdlab.distill.stochastic import stochastic_config
 from kdlab.errors import ConfigError
+from kdlab.models.quant import quant_config
 from kdlab.pipeline.topology import TOPOLOGIES
 
 MODEL_DEFAULTS = {"on_the_fly": False, "on_the_fly_n": None, "on_the_fly_mode": "row", "kwargs": {}}
@@ -61,6 +62,16 @@ def model_spec(entry: Any) -> dict[str, Any]:
         raise ConfigError(f"a chain entry must be a model name or a mapping with 'arch', got {entry!r}")
     out = {**copy.deepcopy(MODEL_DEFAULTS), **spec}
     out["kwargs"] = dict(out.get("kwargs") or {})
+    return with_quant(out)
+
+
+def with_quant(model: dict[str, Any], where: str = "model.quant") -> dict[str, Any]:
+    """``model`` with its ``quant`` block checked and defaults filled in, or dropped when nothing is quantized
+    (so a float stage's store key is what it was before quantization existed)."""
+    out = dict(model)
+    q = quant_config(out.pop("quant", None), where)
+    if q is not None:
+        out["quant"] = q
     return out
 
 
@@ -186,11 +197,16 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
             stage_stochastic = stochastic_config(stage_stochastic, name)  # None for mode none
         stage_distill.pop("stochastic", None)
         stage_distill.pop("cache", None)
-        if not sources[i]:  # a stage without sources learns from labels: the registered ``ce`` strategy
+        self_taught = getattr(strategy_class(stage_distill), "self_distill", False)  # SPEQ
+        if self_taught and sources[i]:
+            raise ConfigError(f"distill.strategy={stage_distill.get('strategy')} teaches a stage with its own "
+                              f"network, but stage {name!r} has sources ({', '.join(sources[i])}); use "
+                              f"pipeline=single (or a stage without sources)")
+        if not sources[i] and not self_taught:  # a stage without sources learns from labels: ``ce``
             stage_distill = {**stage_distill, "strategy": "ce"}
         # the keys its strategy reads and nothing else: what the stage's store key hashes
         stage_distill = strategy_class(stage_distill).own_config(stage_distill)
-        model = deep_merge(models[i], over.get("model"))
+        model = with_quant(deep_merge(models[i], over.get("model")), f"model.quant (stage {name})")
         max_epochs = int(over.get("max_epochs", cfg["trainer"].get("max_epochs", 1)))
         specs.append(StageSpec(
             name=name, role=role, model=model, sources=list(sources[i]), distill=stage_distill,
