@@ -296,6 +296,10 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
             row.update({f"{prefix}_{k}": v for k, v in stats(values).items() if k != "n"})
         params = stats(s.get("params") for s in students)["mean"]
         row["student_params"] = None if params is None else round(params)
+        size = stats(s.get("size_bytes") for s in students)["mean"]  # at the student's bit-widths
+        row["student_size_bytes"] = None if size is None else round(size)
+        bits = {(s.get("weight_bits"), s.get("act_bits")) for s in students if s.get("weight_bits") is not None}
+        row["student_bits"] = ", ".join(f"W{w} A{a}" for w, a in sorted(bits)) or None
         row["wall_seconds_mean"] = stats(r.get("wall_seconds") for r in done)["mean"]
         curves: dict[str, list[list[float]]] = {}
         for r in done:
@@ -336,6 +340,12 @@ def fmt_params(n: float | None) -> str:
     if n is None:
         return "-"
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(int(n))
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB" if n >= 1e3 else f"{int(n)} B"
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -484,7 +494,7 @@ def csv_columns(rows: list[dict], by: Sequence[str]) -> list[str]:
     stage_cols = [f"acc_{s}_{k}" for s in all_stage_names(rows) for k in ("mean", "std")]
     return ["group", *by, "n", "n_failed", "student_stage",
             *[f"student_test_acc_{k}" for k in stat], *[f"student_test_acc_last_{k}" for k in stat],
-            *stage_cols, "student_params", "wall_seconds_mean", "last_k",
+            *stage_cols, "student_params", "student_size_bytes", "student_bits", "wall_seconds_mean", "last_k",
             "val_fluct_mean", "val_fluct_std", "val_fluct_max",
             # data-free students: student_test_acc_* is their last epoch; this is the best-on-val epoch's
             "data_free", "student_test_acc_best_val_mean", "student_test_acc_best_val_std", "generated_grids"]

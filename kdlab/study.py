@@ -103,8 +103,11 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     A data-free student's row (DAFL) is marked †: its best-on-val cell is the epoch picked on the real
     validation split (``test_acc_best_val``), its last-epoch cell, the number it reports, is bold."""
     sources = [n for n in compare.all_stage_names(rows) if n not in {r["student_stage"] for r in rows}]
+    # a part with a quantized student shows every student's bit-widths and size in bytes at them
+    quantized = any(r.get("student_bits") not in (None, "W32 A32") for r in rows)
     head = ["experiment", "n", "student best-on-val %", "student last epoch %", "range (pp)",
-            *[f"{s} %" for s in sources], "wall / run", "command"]
+            *[f"{s} %" for s in sources], *(["student bits", "student size"] if quantized else []),
+            "wall / run", "command"]
     lines = [f"#### {title}", ""]
     if note:
         lines += [note, ""]
@@ -120,6 +123,7 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
                  compare.pct(r["student_test_acc_range"]),
                  *[compare.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                    for s in sources],
+                 *([r.get("student_bits") or "-", compare.fmt_bytes(r.get("student_size_bytes"))] if quantized else []),
                  compare.fmt_seconds(r["wall_seconds_mean"]), f"`{commands.get(exp, '-')}`"]
         lines.append("| " + " | ".join(cells) + " |")
     if any(r.get("data_free") for r in rows):

@@ -19,13 +19,22 @@ and state-dict names and, in ``forward``:
   ``first_last=8bit`` (default) runs them at 8-bit weights and 8-bit inputs, ``full`` leaves them in float,
   ``same`` quantizes them like the rest.
 
-Why kdlab's own ~150 lines and not brevitas or ``torch.ao`` fake quantization (measured in
-``benchmarks/bench_quant.py``, figure j of docs/performance.md): torch.ao's FakeQuantize has no ternary
-weight (its observers give a 2^b-level uniform grid, not {-a, 0, +a} with TWN's threshold) and changes the
-bit-width only by rebuilding the observer (quant_min / quant_max are fixed at construction); brevitas has
-ternary weights, but it is a large dependency (pinned setuptools, its own module zoo replacing nn.Conv2d),
-its bit-width is a constructor argument too, and its per-step overhead on the CPU is higher (figure j).
-SPEQ needs the bit-width of every layer switched on every forward pass; here that is one attribute.
+Why a small module of kdlab's own (with torch's fused ``fake_quantize_per_tensor_affine`` kernel for the
+activations) and not brevitas or ``torch.ao`` FakeQuantize modules, on the evidence of
+``benchmarks/bench_quant.py`` (figure j, docs/performance.md):
+
+* torch.ao has no ternary weight quantizer: a [-1, 1] grid gives {-a, 0, +a} with a = max|W| and threshold
+  a / 2, not TWN's rule. Switching a FakeQuantize's bit-width per pass works only by setting quant_min /
+  quant_max on it *and* its observer and recomputing the qparams (setting one silently keeps the old grid), and
+  FakeQuantize ignores ``eval()`` / ``no_grad``, so a teacher pass would move its ranges unless its observer is
+  switched off by hand: about 4 ms per switch of 8 layers and two traps. Its fused kernel is what made its
+  plain QAT step 1.4x faster than the first version of this module, so the activations here now use that
+  kernel (quant_min / quant_max are arguments of each call: switching costs nothing).
+* brevitas has ternary weights (max-based, threshold a / 2, again not TWN), a bit-width that can be
+  overwritten per pass, and a step 1.6x slower than torch.ao's on the CPU; it is 46k lines with a
+  setuptools < 81 pin and its own replacements for nn.Conv2d.
+* this module: TWN's ternary rule, the bit-width one attribute per layer (SPEQ switches every layer on every
+  step), BN and feature taps untouched (a QuantConv2d *is* an nn.Conv2d), no dependency.
 """
 from __future__ import annotations
 
@@ -151,8 +160,14 @@ class ActQuant(nn.Module):
         if self.training and torch.is_grad_enabled():
             self._observe(x)
         scale, zero = self.grid(self.bits)
-        scale, zero = scale.to(x.dtype), zero.to(x.dtype)
         levels = 2 ** self.bits - 1
+        if not torch.onnx.is_in_onnx_export():
+            # torch's fused kernel: the same grid, round half to even and clamp-masked gradient as the explicit
+            # form below (tests/test_quant.py), 1.7x faster on the CPU; quant_min / quant_max are per call, so
+            # the bit-width still switches per forward pass
+            return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero.to(torch.int32), 0, levels)
+        # the explicit form, for ONNX (whose QuantizeLinear has only 8-bit ranges): Clip and Round on the grid
+        scale, zero = scale.to(x.dtype), zero.to(x.dtype)
         lo, hi = (0 - zero) * scale, (levels - zero) * scale
         xc = torch.maximum(torch.minimum(x, hi), lo)  # gradient 1 inside [lo, hi], 0 outside
         q = torch.round(xc / scale) * scale

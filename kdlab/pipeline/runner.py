@@ -98,7 +98,8 @@ def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict
     out = {"name": spec.name, "role": spec.role, "arch": spec.arch, "sources": spec.sources,
            "on_the_fly": bool(spec.model.get("on_the_fly")), "store_key": record.key, "cached": cached}
     out.update({k: meta.get(k) for k in STAGE_FIELDS})
-    out.update(quant_report(build_stage_model(spec, dm)))  # bit-widths and the size in bytes at them
+    out["quant"] = spec.model.get("quant")  # the model.quant block; null for a float stage
+    out.update(quant_report(build_stage_model(spec, dm)))  # weight_bits, act_bits, size_bytes at those bits
     out.update({k: meta[k] for k in OPTIONAL_STAGE_FIELDS if k in meta})  # where they apply
     out["checkpoint"] = str(record.weights_path)
     out["csv_log"] = extra.get("csv_log")
