@@ -251,3 +251,46 @@ def test_dafl_cost(bench):
     assert figs["i_dafl_cost"]["value"] == round(best["dafl"]["ms_per_step"] / best["kd (live)"]["ms_per_step"], 3)
     assert figs["i_dafl_cost_cached"]["value"] == round(
         best["dafl"]["ms_per_step"] / best["kd (cached)"]["ms_per_step"], 3)
+
+
+def test_quant_cost(bench):
+    """Quantized students (figure j): float, QAT and SPEQ stages trained (not reused) through the pipeline, the
+    SPEQ / QAT ratio against its 2x target, and the implementation rows (brevitas reported even when absent)."""
+    _, o = bench
+    import bench_quant
+
+    result = bench_quant.run(o)
+    figs = _figures(result)
+    impls = ("kdlab", "torchao", "brevitas")
+    assert set(figs) == {"j_float_ms", "j_qat_ms", "j_quant_cost", "j_speq_ms", "j_speq_cost", "j_crosscheck_ao",
+                         *(f"j_cmp_{i}" for i in impls), *(f"j_cmp_{i}_switch" for i in impls)}
+    d = result["details"]
+    best, batch = d["best"], d["batch"]
+    assert batch == bench_quant.QUICK_BATCH
+    for r in best.values():
+        assert r["ms_per_step"] == pytest.approx(1000 * batch * r["timed_seconds"] / r["timed_samples"],
+                                                 rel=1e-2, abs=0.01)
+        assert 0.0 <= r["test_acc"] <= 1.0
+    assert (best["float"]["weight_bits"], best["float"]["act_bits"]) == (32, 32)
+    for side in ("qat", "speq"):
+        assert (best[side]["weight_bits"], best[side]["act_bits"]) == (2, 4), side
+    assert best["speq"]["module"] == "SelfDistillModule" and best["qat"]["module"] != "SelfDistillModule"
+    assert set(best["speq"]["teacher_bits"]) <= set(bench_quant.SPEQ_BITS)
+    assert figs["j_quant_cost"]["value"] == round(best["qat"]["ms_per_step"] / best["float"]["ms_per_step"], 3)
+    speq = figs["j_speq_cost"]
+    assert speq["value"] == round(best["speq"]["ms_per_step"] / best["qat"]["ms_per_step"], 3)
+    assert speq["target"] == "<= 2" and speq["ok"] is (speq["value"] <= 2)
+    micro = d["micro"]["results"]
+    for name in ("kdlab", "torch.ao"):  # always there; brevitas only where importable
+        r = micro[name]
+        key = name.replace(".", "")
+        assert figs[f"j_cmp_{key}"]["value"] == r["train"] > 0
+        assert figs[f"j_cmp_{key}_switch"]["value"] == r["speq"] > 0
+        assert r["switch_works"]["ok"] is True, (name, r)  # 4-bit inputs become 8-bit and back
+    assert micro["kdlab"]["ternary"]["ternary"] is True
+    if "brevitas" in micro:
+        assert figs["j_cmp_brevitas"]["value"] == micro["brevitas"]["train"]
+    else:
+        assert figs["j_cmp_brevitas"]["value"] is None and "not installed" in figs["j_cmp_brevitas"]["note"]
+    cc = figs["j_crosscheck_ao"]
+    assert cc["value"] == 0.0 and cc["ok"] is True  # the same 4-bit grid gives the same outputs
