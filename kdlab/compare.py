@@ -31,6 +31,7 @@ DEFAULT_BY = ("method",)
 DEFAULT_LAST_K = 5
 PLOT_NAMES = ("chain", "student", "val_curves")
 GENERATED_DIR = "generated"  # <run dir>/generated/<stage>/epoch_NNN.png (kdlab/modules/datafree.py)
+PAIRED_TITLE = "Paired comparison (student test accuracy, runs sharing a seed)"
 TOP_LEVEL_FIELDS = ("method", "dataset", "seed", "experiment", "status", "kdlab_version")
 
 
@@ -290,6 +291,7 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
         # split (a use of data) is its test_acc_best_val. For every other stage the two are the same.
         best_val = [s.get("test_acc_best_val", b) if s.get("data_free") else b for s, b in zip(students, best)]
         row["data_free"] = any(s.get("data_free") is True for s in students)
+        row["accuracies"] = [(r.get("seed"), b) for r, b in zip(done, best)]  # (seed, acc): kdlab.paired
         for prefix, values in (("student_test_acc", best),
                                ("student_test_acc_last", [s.get("test_acc_last") for s in students]),
                                ("student_test_acc_best_val", best_val)):
@@ -366,8 +368,10 @@ def _source_stages(rows: list[dict]) -> list[str]:
     return [n for n in all_stage_names(rows) if n not in students]
 
 
-def table_specs(rows: list[dict], by: Sequence[str]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """The printed/HTML tables as (header, rows of strings); one place serves the terminal and HTML."""
+def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None = None
+                ) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The printed/HTML tables as (header, rows of strings); one place serves the terminal and HTML;
+    ``paired``: the results of :func:`kdlab.paired.paired_table` (``--baseline`` / ``--pairs``)."""
     k = rows[0]["last_k"] if rows else DEFAULT_LAST_K
     names = all_stage_names(rows)
 
@@ -391,7 +395,12 @@ def table_specs(rows: list[dict], by: Sequence[str]) -> dict[str, tuple[list[str
              pct(r["student_test_acc_range"]), pct(r["student_test_acc_last_std"]),
              pct(r["student_test_acc_last_range"]), pct_pm(r["val_fluct_mean"], r["val_fluct_std"]),
              pct(r["val_fluct_max"])] for r in rows]
-    return {"Student accuracy": (acc_head, acc), "Stages": (stage_head, stage), "Stability": (stab_head, stab)}
+    tables = {"Student accuracy": (acc_head, acc), "Stages": (stage_head, stage), "Stability": (stab_head, stab)}
+    if paired:
+        from kdlab.paired import table_rows
+
+        tables[PAIRED_TITLE] = table_rows(paired)
+    return tables
 
 
 STABILITY_NOTE = ("student's final (best-on-val; a data-free student's: last epoch) test accuracy over runs; "
@@ -439,16 +448,17 @@ def grid_rows(runs: list[dict]) -> list[list[str]]:
 GRID_HEAD = ["run", "stage", "last generated grid"]
 
 
-def failed_rows(runs: list[dict]) -> list[list[str]]:
+def failed_rows(runs: list[dict], root: str | os.PathLike | None = None) -> list[list[str]]:
     return [[str(r.get("method", "-")), str(r.get("seed", "-")), str(r.get("status", "missing")),
-             str(r.get("error") or "(no error recorded)"), r["_path"]]
+             str(r.get("error") or "(no error recorded)"), relative_to(r["_path"], root)]
             for r in runs if r.get("status") != "completed"]
 
 
 FAILED_HEAD = ["method", "seed", "status", "error", "results.json"]
 
 
-def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped: list, console=None) -> None:
+def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped: list, console=None,
+                 paired: list[dict] | None = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -459,7 +469,7 @@ def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped:
     n_done = sum(r.get("status") == "completed" for r in runs)
     console.print(f"[bold]{len(runs)} run(s)[/]: {n_done} completed, {len(runs) - n_done} failed, "
                   f"{len(skipped)} corrupted file(s) skipped; grouped by {', '.join(by)}")
-    for title, (head, body) in table_specs(rows, by).items():
+    for title, (head, body) in table_specs(rows, by, paired).items():
         note = table_note(title, rows)
         table = Table(title=title, title_justify="left", title_style="bold",
                       caption=escape(note) if note else None, caption_justify="left")
@@ -543,19 +553,66 @@ def _html_table(head: list[str], body: list[list[str]], n_keys: int = 1, cls: st
     return "<div class='scroll'>" + "".join(out) + "</tbody></table></div>"
 
 
+def relative_to(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
+    """``path`` relative to ``root`` when it lies under it (so a committed page names no machine's paths)."""
+    if root is None:
+        return str(path)
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def common_root(paths: Sequence[str | os.PathLike]) -> Path | None:
+    """The deepest directory holding every one of ``paths`` (None without paths)."""
+    if not paths:
+        return None
+    resolved = [Path(p).resolve() for p in paths]
+    return Path(os.path.commonpath([p if p.is_dir() else p.parent for p in resolved]))
+
+
+def source_commit() -> str | None:
+    """The git commit of the kdlab checkout that renders the page (None outside a git checkout)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent.parent
+    if not (here / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(runs: list[dict], command: str | None) -> str:
+    """One line: the command that made the page, the kdlab commit, the environment the runs recorded."""
+    envs = {(e.get("torch"), e.get("cpu"), e.get("gpu")) for r in runs for e in [r.get("environment") or {}]
+            if e}
+    env = "; ".join(f"torch {t}, CPU {c or '?'}, GPU {g or 'none'}" for t, c, g in sorted(envs, key=str)) or "not recorded"
+    return (f"Command: `{command or 'python -m kdlab.compare'}`; page written at kdlab commit "
+            f"{source_commit() or 'unknown'}; the runs' environment: {env}.")
+
+
 def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: dict[str, bytes] | None = None,
                 skipped: Sequence[tuple[str, str]] = (), title: str = "kdlab comparison",
-                sources: Sequence[str] = ()) -> str:
-    """A self-contained page: inline CSS, images as base64 PNG, no scripts."""
+                sources: Sequence[str] = (), paired: list[dict] | None = None, root: str | os.PathLike | None = None,
+                command: str | None = None) -> str:
+    """A self-contained page: inline CSS, images as base64 PNG, no scripts. Paths of runs are shown relative
+    to ``root`` (default: the directory holding every source)."""
     e = html.escape
+    root = root if root is not None else common_root(list(sources))
     n_done = sum(r.get("status") == "completed" for r in runs)
     parts = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
               f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"),
              f"<p class='meta'>{len(runs)} run(s): {n_done} completed, {len(runs) - n_done} failed, "
              f"{len(skipped)} corrupted file(s) skipped. Grouped by {e(', '.join(by))}. "
              f"Accuracies in %, mean ± sample std over runs. Generated {datetime.now():%Y-%m-%d %H:%M}"
-             + (f" from {e(', '.join(map(str, sources)))}" if sources else "") + ".</p>"]
-    for name, (head, body) in table_specs(rows, by).items():
+             + (f" from {e(', '.join(relative_to(x, root) or '.' for x in sources))}" if sources else "")
+             + (f" (paths relative to {e(Path(root).name)}/)" if root is not None else "") + ".</p>",
+             f"<p class='meta'>{e(provenance(runs, command))}</p>"]
+    for name, (head, body) in table_specs(rows, by, paired).items():
         parts.append(f"<h2>{e(name)}</h2>")
         text = table_note(name, rows)
         if text:
@@ -563,15 +620,17 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
         parts.append(_html_table(head, body, n_keys=len(by)))
     captions = {"chain": "Test accuracy of every stage along the chain (mean ± std over runs).",
                 "student": "Student test accuracy per group (best-on-val and last epoch; error bars: std).",
-                "val_curves": "Validation accuracy per epoch, per stage (thin: runs, thick: group mean)."}
+                "val_curves": "Validation accuracy per epoch, per stage (thin: runs, thick: group mean).",
+                "paired": "Paired differences of the student's test accuracy (runs sharing a seed): mean and 95% "
+                          "Student-t interval; x: each seed's difference. Unpaired rows (orange) compare means."}
     if images:
         parts.append("<h2>Plots</h2>")
         for name, png in images.items():
             b64 = base64.b64encode(png).decode("ascii")
             parts.append(f"<figure><img alt='{e(name)}' src='data:image/png;base64,{b64}'>"
                          f"<figcaption>{e(captions.get(name, name))}</figcaption></figure>")
-    parts.extend(grid_section(runs))
-    failed = failed_rows(runs)
+    parts.extend(grid_section(runs, root))
+    failed = failed_rows(runs, root)
     parts.append(f"<h2>Failed runs ({len(failed)})</h2>")
     parts.append(_html_table(FAILED_HEAD, failed, n_keys=0, cls="text fail", wrap=(3, 4)) if failed
                  else "<p class='meta'>None.</p>")
@@ -584,7 +643,8 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
     per_run = [[*(str(_hashable(get_field(r, f))) if get_field(r, f) is not _MISSING else "-" for f in keys),
                 pct(student_stage(r).get("test_acc")), pct(student_stage(r).get("test_acc_last")),
                 pct(val_fluctuation(val_curve(student_stage(r), r["_dir"]), k)),
-                fmt_seconds(r.get("wall_seconds")), r["_path"]] for r in runs if r.get("status") == "completed"]
+                fmt_seconds(r.get("wall_seconds")), relative_to(r["_path"], root)] for r in runs
+               if r.get("status") == "completed"]
     head = [*keys, "student test acc %", "last-epoch %", f"val fluct. last {k} (pp)", "wall time", "results.json"]
     parts.append(f"<h2>Runs</h2><details><summary>{len(per_run)} completed run(s)</summary>"
                  + _html_table(head, per_run, n_keys=len(keys), wrap=(len(head) - 1,)) + "</details>")
@@ -592,7 +652,7 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
     return "\n".join(parts)
 
 
-def grid_section(runs: list[dict]) -> list[str]:
+def grid_section(runs: list[dict], root: str | os.PathLike | None = None) -> list[str]:
     """The last generated grid of every data-free stage, as HTML (nothing when there is none).
 
     The PNGs are embedded as base64 data URIs, like the plots, not linked: the page stays one
@@ -614,13 +674,13 @@ def grid_section(runs: list[dict]) -> list[str]:
             try:
                 png = Path(g["path"]).read_bytes()
             except OSError as err:
-                figures.append(f"<figure><figcaption>{e(what)}: cannot read {e(g['path'])} "
+                figures.append(f"<figure><figcaption>{e(what)}: cannot read {e(relative_to(g['path'], root))} "
                                f"({e(err.strerror or str(err))}).</figcaption></figure>")
                 continue
             epochs = f" of {g['epochs']}" if g["epochs"] else ""
             figures.append(f"<figure><img alt='{e(what)}' src='data:image/png;base64,"
                            f"{base64.b64encode(png).decode('ascii')}'><figcaption>{e(what)}: epoch "
-                           f"{g['epoch'] + 1}{e(epochs)} ({e(g['path'])})</figcaption></figure>")
+                           f"{g['epoch'] + 1}{e(epochs)} ({e(relative_to(g['path'], root))})</figcaption></figure>")
     if not figures:
         return []
     return ["<h2>Generated images</h2><p class='meta'>The last grid of generated images of each data-free "
@@ -629,21 +689,37 @@ def grid_section(runs: list[dict]) -> list[str]:
 
 
 def write_outputs(rows: list[dict], runs: list[dict], by: Sequence[str], out: Path, plots: bool = True,
-                  skipped: Sequence[tuple[str, str]] = (), sources: Sequence[str] = ()) -> list[Path]:
-    """comparison.csv, comparison.html and (with plots) comparison_<name>.png in ``out``."""
+                  skipped: Sequence[tuple[str, str]] = (), sources: Sequence[str] = (),
+                  paired: list[dict] | None = None, root: str | os.PathLike | None = None,
+                  command: str | None = None) -> list[Path]:
+    """comparison.csv, comparison.html and (with plots) comparison_<name>.png in ``out``; with ``paired``
+    results also comparison_paired.csv and its plot."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "comparison.csv"]
         write_csv(rows, by, written[0])
+        if paired:
+            from kdlab.paired import CSV_COLUMNS, csv_row
+
+            with open(out / "comparison_paired.csv", "w", newline="", encoding="utf-8") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+                w.writeheader()
+                w.writerows(csv_row(r) for r in paired)
+            written.append(out / "comparison_paired.csv")
         images: dict[str, bytes] = {}
         if plots:
             from kdlab.compare_plots import make_plots
 
             images = make_plots(rows, all_stage_names(rows))
+            if paired:
+                from kdlab.paired import plot as paired_plot
+
+                images["paired"] = paired_plot(paired)
             for name, png in images.items():
                 (out / f"comparison_{name}.png").write_bytes(png)
                 written.append(out / f"comparison_{name}.png")
-        page = render_html(rows, runs, by, images, skipped=skipped, sources=sources)
+        page = render_html(rows, runs, by, images, skipped=skipped, sources=sources, paired=paired, root=root,
+                           command=command)
         (out / "comparison.html").write_text(page, encoding="utf-8")
         written.append(out / "comparison.html")
     except OSError as e:
@@ -662,6 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output dir (default: the first PATH if a directory, else cwd)")
     p.add_argument("--last-k", type=int, default=DEFAULT_LAST_K,
                    help="epochs over which the validation fluctuation is measured (default: 5)")
+    p.add_argument("--baseline", default=None, metavar="FIELD=VALUE",
+                   help="paired statistics of every group against this one, e.g. experiment=baseline_fashion_mnist "
+                        "(runs sharing a seed are pairs: mean difference, 95%% t and bootstrap intervals, verdict)")
+    p.add_argument("--pairs", action="append", default=[], metavar="A,B",
+                   help="paired statistics of group A against group B (values of the --by field; repeatable)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (CSV and HTML only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -676,13 +757,21 @@ def run(args: argparse.Namespace) -> int:
     skipped: list[tuple[str, str]] = []
     runs = load_runs(args.paths, skipped)
     rows = aggregate(runs, by, args.last_k)
+    paired = None
+    if args.baseline or args.pairs:
+        from kdlab.paired import paired_table
+
+        paired = paired_table(rows, by, args.baseline, args.pairs)
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else first if first.is_dir() else Path.cwd()
     try:
-        print_report(rows, runs, by, skipped)
+        print_report(rows, runs, by, skipped, paired=paired)
     except (BrokenPipeError, SystemExit):  # the reader went away (| head; rich exits then): write the files
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    written = write_outputs(rows, runs, by, out, plots=not args.no_plots, skipped=skipped, sources=args.paths)
+    import shlex
+
+    written = write_outputs(rows, runs, by, out, plots=not args.no_plots, skipped=skipped, sources=args.paths,
+                            paired=paired, command="python -m kdlab.compare " + " ".join(map(shlex.quote, argv_used(args))))
     print("wrote " + ", ".join(str(w) for w in written))
     n_failed = sum(r.get("status") != "completed" for r in runs)
     if n_failed:
@@ -692,9 +781,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def argv_used(args: argparse.Namespace) -> list[str]:
+    """The command line as given (for the page's provenance line)."""
+    return list(getattr(args, "_argv", None) or sys.argv[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args._argv = list(argv) if argv is not None else sys.argv[1:]
     except SystemExit as e:  # argparse: usage error (2) or --help (0)
         return int(e.code or 0)
     try:

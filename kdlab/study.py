@@ -97,7 +97,20 @@ DATA_FREE_FOOTNOTE = ("† A data-free student (DAFL, `data_free: true`): the nu
                       "best-on-val column is that choice, shown for comparison only.")
 
 
-def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: str = "") -> str:
+def paired_cell(r: dict | None) -> str:
+    """One paired comparison in a table cell: mean difference [95 % t interval] (pp), wins/ties/losses, verdict."""
+    if r is None:
+        return "-"
+    from kdlab.paired import fmt_ci, pp
+
+    if not r["paired"]:
+        return f"{pp(r['mean'])} {fmt_ci(r['ci_t'])} unpaired, {r['verdict']}"
+    return (f"{pp(r['mean'])} {fmt_ci(r['ci_t'])}, {r['wins']}/{r['ties']}/{r['losses']} of {r['n']}, "
+            f"{r['verdict']}")
+
+
+def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: str = "",
+                  paired: list[dict] | None = None, baseline: str | None = None) -> str:
     """One part's results table: the student (best-on-val and last epoch), every source stage, the command.
 
     A data-free student's row (DAFL) is marked †: its best-on-val cell is the epoch picked on the real
@@ -105,8 +118,10 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     sources = [n for n in compare.all_stage_names(rows) if n not in {r["student_stage"] for r in rows}]
     # a part with a quantized student shows every student's bit-widths and size in bytes at them
     quantized = any(r.get("student_bits") not in (None, "W32 A32") for r in rows)
+    vs_base = {r["group"]: r for r in paired or [] if baseline and r["baseline"] == f"experiment={baseline}"}
     head = ["experiment", "n", "student best-on-val %", "student last epoch %", "range (pp)",
             *[f"{s} %" for s in sources], *(["student bits", "student size"] if quantized else []),
+            *([f"paired Δ vs {baseline} (pp) [95% CI], wins/ties/losses"] if vs_base else []),
             "wall / run", "command"]
     lines = [f"#### {title}", ""]
     if note:
@@ -124,8 +139,17 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
                  *[compare.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                    for s in sources],
                  *([r.get("student_bits") or "-", compare.fmt_bytes(r.get("student_size_bytes"))] if quantized else []),
+                 *([paired_cell(vs_base.get(r["group"]))] if vs_base else []),
                  compare.fmt_seconds(r["wall_seconds_mean"]), f"`{commands.get(exp, '-')}`"]
         lines.append("| " + " | ".join(cells) + " |")
+    others = [r for r in paired or [] if not (baseline and r["baseline"] == f"experiment={baseline}")]
+    if vs_base or others:
+        lines += ["", "Paired: runs of two experiments with the same seed (same data order, same student "
+                  "initialisation); Δ = mean difference of the student's best-on-val test accuracy (data-free: last "
+                  "epoch), 95 % Student-t interval over the pairs; `better` / `worse` only when the interval "
+                  "excludes 0 (`python -m kdlab.compare --baseline / --pairs`)."
+                  + "".join(f" {r['group'].split('=', 1)[-1]} vs {r['baseline'].split('=', 1)[-1]}: {paired_cell(r)}."
+                            for r in others)]
     if any(r.get("data_free") for r in rows):
         lines += ["", DATA_FREE_FOOTNOTE + " Its generated images (the last grid of each run) are in this part's "
                   "`comparison.html`."]
@@ -162,6 +186,22 @@ def run_sweep(args: list[str], sweep_dir: Path, log: Path) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
+def part_pairs(rows: list[dict], by: list[str], meta: dict) -> list[dict]:
+    """A part's paired comparisons: every experiment against its ``baseline`` and each of its ``pairs`` [A, B],
+    where the groups ran (a missing one is skipped with a warning: a part may be run in pieces)."""
+    from kdlab.paired import paired_table
+
+    present = {str(r["fields"].get(by[0])) for r in rows if r["n"]}
+    base = meta.get("baseline")
+    if base and str(base) not in present:
+        compare.warn(f"part {meta.get('title', '?')[:40]}: baseline {base} did not run; no paired columns")
+        base = None
+    pairs = [f"{a},{b}" for a, b in meta.get("pairs") or [] if str(a) in present and str(b) in present]
+    if not base and not pairs:
+        return []
+    return paired_table(rows, by[:1], f"{by[0]}={base}" if base else None, pairs)
+
+
 def tables(study: dict, record: dict, out: Path, plots: bool) -> str:
     """compare each part's sweeps into ``out/<part>/`` and return the markdown of all parts."""
     by = [f.strip() for f in str(study["by"]).split(",")]
@@ -181,11 +221,15 @@ def tables(study: dict, record: dict, out: Path, plots: bool) -> str:
                  for e in s["experiments"]]
         rows.sort(key=lambda r: order.index(r["fields"].get("experiment"))
                   if r["fields"].get("experiment") in order else len(order))
+        paired = part_pairs(rows, by, meta)
         written = compare.write_outputs(rows, runs, by, out / part, plots=plots, skipped=skipped,
-                                        sources=[str(d) for d in dirs])
+                                        sources=[str(d) for d in dirs], paired=paired, root=record.get("root"),
+                                        command=" ; ".join(s["command"] for s in record["sweeps"] if s["part"] == part))
         commands = {row_name(s.get("args", []), e): c for s in record["sweeps"] if s["part"] == part
                     for e, c in s["commands"].items()}
-        md = part_markdown(meta.get("title", part), rows, commands, meta.get("note", ""))
+        md = part_markdown(meta.get("title", part), rows, commands, meta.get("note", ""), paired,
+                           meta.get("baseline") if any(str(r["fields"].get(by[0])) == str(meta.get("baseline"))
+                                                       for r in rows) else None)
         (out / part / "comparison.md").write_text(md, encoding="utf-8")
         print("wrote " + ", ".join(str(w) for w in [*written, out / part / "comparison.md"]))
         blocks.append(md)
