@@ -27,11 +27,11 @@ sys.path.insert(0, str(HERE))
 
 import common
 
-BENCHES = ["hotpath", "data", "stages", "knobs", "methods", "views", "dafl", "quant", "peer", "memory", "gpu"]
+BENCHES = ["hotpath", "data", "stages", "knobs", "methods", "views", "dafl", "quant", "imagefolder", "peer", "memory", "gpu"]
 WHAT = {"hotpath": "2. no wasted work (profile)", "data": "b. data path", "stages": "a/c/f. student stages",
         "knobs": "3. speed knobs", "methods": "g. method cost", "views": "h. sources cached under augmentation",
         "dafl": "i. data-free step (DAFL)",
-        "quant": "j. quantized students", "peer": "d. peer (torchdistill)", "memory": "e. memory",
+        "quant": "j. quantized students", "imagefolder": "k. on-disk ImageFolder loader", "peer": "d. peer (torchdistill)", "memory": "e. memory",
         "gpu": "5. GPU (only where there is one)"}
 DOCS = [HERE.parent / "README.md"]  # its Performance table is rewritten with --docs
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"

@@ -55,15 +55,22 @@ def _rank_zero() -> bool:
 
 
 def register_configs() -> None:
-    """``model=<zoo name>`` for every registered architecture, without a YAML file per model."""
+    """``model=<zoo name>`` for every registered architecture, without a YAML file per model, and
+    ``model=timm`` / ``model=torchvision`` with ``model.name=<the library's name>`` (docs/models.md)."""
     from kdlab.models import MODELS
+    from kdlab.models.library import LIBRARIES
     from kdlab.models.quant import QUANT_DEFAULTS
+
+    def node(arch: str, **extra: Any) -> dict[str, Any]:
+        # pretrained / preprocess at their defaults are dropped from the stage spec: zoo keys do not change
+        return {**extra, "arch": arch, "on_the_fly": False, "on_the_fly_n": None, "on_the_fly_mode": "row",
+                "kwargs": {}, "quant": dict(QUANT_DEFAULTS), "pretrained": None, "preprocess": "auto"}
 
     cs = ConfigStore.instance()
     for name in MODELS.names():
-        cs.store(group="model", name=name, node={"arch": name, "on_the_fly": False, "on_the_fly_n": None,
-                                                   "on_the_fly_mode": "row", "kwargs": {},
-                                                   "quant": dict(QUANT_DEFAULTS)})
+        cs.store(group="model", name=name, node=node(name))
+    for lib in LIBRARIES:  # arch follows model.name (mandatory): model=timm model.name=resnet18
+        cs.store(group="model", name=lib, node=node(f"{lib}/${{model.name}}", name="???"))
 
 
 class SweepStatus(Callback):

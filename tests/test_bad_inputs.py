@@ -181,6 +181,12 @@ CASES = [
          ["cannot load teacher checkpoint", "not a PyTorch weights file"]),
     Case("teacher_ckpt_truncated", [*DIRECT, "pipeline.teacher_checkpoint={assets}/truncated.pt"], 2,
          ["cannot load teacher checkpoint", "truncated"]),
+    # library models (docs/models.md)
+    Case("unknown_timm_model", ["pipeline.chain=[timm/resnt18,plain2]"], 2,
+         ["unknown timm model 'resnt18'", "close matches:", "resnet18"]),
+    Case("pretrained_wrong_arch", [*DIRECT[:1], "pipeline.chain=[timm/test_resnet,plain2]",
+                                   "+pipeline.per_stage.teacher.model.pretrained={assets}/t6.pt"], 2,
+         ["pretrained weights", "t6.pt", "do not match architecture 'timm/test_resnet'", "e.g. missing"]),
     # output locations
     Case("store_dir_under_a_file", ["paths.store_dir={assets}/a_file/store"], 1,
          ["cannot create store directory", "a_file/store", "Not a directory"]),

@@ -294,3 +294,42 @@ def test_quant_cost(bench):
         assert figs["j_cmp_brevitas"]["value"] is None and "not installed" in figs["j_cmp_brevitas"]["note"]
     cc = figs["j_crosscheck_ao"]
     assert cc["value"] == 0.0 and cc["ok"] is True  # the same 4-bit grid gives the same outputs
+
+
+def test_imagefolder_loader_benchmark(bench):
+    """(k) kdlab's on-disk training loader against torchvision's reference train.py loader on generated JPEGs."""
+    _, o = bench
+    import bench_imagefolder
+
+    result = bench_imagefolder.run(o)
+    figs = _figures(result)
+    assert set(figs) == {"k_imagefolder"}
+    d = result["details"]
+    assert d["batches_agree"] is True  # same shapes, dtype and value range
+    for side in ("kdlab", "reference"):
+        for r in d["runs"][side]:
+            assert r["samples"] == d["timed_batches"] * d["batch_size"], r
+            assert _rate_matches(r["samples_per_second"], r["samples"], r["seconds"]), r
+    best = {side: max(r["samples_per_second"] for r in d["runs"][side]) for side in d["runs"]}
+    assert figs["k_imagefolder"]["value"] == pytest.approx(best["kdlab"] / best["reference"], abs=1e-3)
+    assert 0.05 < figs["k_imagefolder"]["value"] < 20  # a ratio of comparable work (tiny sizes: no target)
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_measures_both_kd_steps(bench):
+    """bench_gpu's code path on the CPU at tiny sizes (--gpu-dry-run): the CIFAR-100-shaped step and the
+    ImageNet-shaped torchvision ResNet-34 -> ResNet-18 step, each in fp32 and bf16-mixed."""
+    common, o = bench
+    import bench_gpu
+
+    bench_gpu.DRY_RUN = True
+    try:
+        result = bench_gpu.run(o)
+    finally:
+        bench_gpu.DRY_RUN = False
+    figs = _figures(result)
+    assert set(figs) == {"g_32-true", "g_bf16-mixed", "g_imagenet_32-true", "g_imagenet_bf16-mixed"}
+    for f in figs.values():
+        assert f["value"] is not None and f["value"] > 0 and f["unit"] == "images/s", f
+    macs = result["details"]["imagenet"]["macs"]
+    assert macs["torchvision/resnet34"] > macs["torchvision/resnet18"] > 0

@@ -284,6 +284,7 @@ def test_speq_cosine_loss_by_hand():
 
 
 # -- through the CLI ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ternary_student_trains_above_chance_and_reports_its_size(tmp_path):
     out, run = tmp_path / "out", tmp_path / "run"
     r = run_kdlab(["pipeline=single", "model=resnet8", "model.quant.weight_bits=2", "model.quant.act_bits=4",
@@ -302,6 +303,7 @@ def test_ternary_student_trains_above_chance_and_reports_its_size(tmp_path):
     assert st2["size_bytes"] > st2["params"] * 4  # + BN running statistics
 
 
+@pytest.mark.slow
 def test_speq_pipeline_runs_from_the_cli(tmp_path):
     out, run = tmp_path / "out", tmp_path / "run"
     r = run_kdlab(["pipeline=single", "model=resnet8", "model.quant.weight_bits=2", "model.quant.act_bits=4",

@@ -144,6 +144,8 @@ def resolve_data_cfg(data_cfg: Any, known_names: list[str]) -> dict[str, Any]:
             f"unknown data config key(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_KEYS))}"
         )
     cfg = {**DATA_DEFAULTS.get(name, COMMON_DEFAULTS), **given}
+    if cfg["root"] == "???":  # conf/data/imagefolder.yaml's mandatory value, not given
+        raise ConfigError(f"data.root is required for data={name}: data.root=/path/to/folder")
     if cfg["root"] is None or not isinstance(cfg["root"], str) or not cfg["root"]:
         raise ConfigError(f"data.root must be a folder path, got {cfg['root']!r}")
     if not isinstance(cfg["download"], bool):
@@ -159,7 +161,12 @@ def resolve_data_cfg(data_cfg: Any, known_names: list[str]) -> dict[str, Any]:
             f"data.val_split must be a fraction in (0, 0.9] (the best epoch is chosen on it), got {vs!r}"
         )
     cfg["val_split"] = float(vs)
-    check_augment(cfg["augment"])
+    if name == "imagefolder":  # its own augment values (imagenet) and loader keys
+        from kdlab.data.imagefolder import check_folder_cfg
+
+        check_folder_cfg(cfg)
+    else:
+        check_augment(cfg["augment"])
     _floats(cfg, "mean")
     _floats(cfg, "std")
     if (cfg["mean"] is None) != (cfg["std"] is None):

@@ -43,6 +43,11 @@ def list_models() -> list[str]:
     return sorted(MODELS.names(), key=_natural_key)
 
 
+def check_model_name(name: str) -> None:
+    """A ConfigError listing the known (or, for a library model, the close) names unless ``name`` builds."""
+    _constructor(name)
+
+
 def model_family(name: str) -> str:
     return getattr(_constructor(name), "family", "?")
 
@@ -88,6 +93,9 @@ def build_model(
 ) -> nn.Module:
     """Build zoo model `name` for `num_classes` classes and `in_channels`-channel images.
 
+    `name` may also be a library model, ``timm/<name>`` or ``torchvision/<name>`` (`kdlab.models.library`):
+    its library builds it without weights; ``kwargs`` go to the library's constructor.
+
     Family options go in `kwargs` (a value of None means "the default", so Hydra's nulls pass through):
     every model takes `input_size` (int or [H, W], default 32; 28 for Fashion-MNIST) and most take
     `width_mult`; plain CNNs take `variant` ("cifar10" | "cifar100", default from num_classes); WRNs
@@ -124,3 +132,13 @@ def build_model(
             shape = (in_channels, *input_hw(kwargs.get("input_size", 32)))
             model = to_quantized(model, q["weight_bits"], q["act_bits"], q["first_last"], input_shape=shape)
     return model
+
+
+def _library(m: re.Match) -> Callable:
+    from kdlab.models.library import check_library_name, library_constructor
+
+    check_library_name(m.group(0))  # unknown: a ConfigError listing close matches
+    return library_constructor(m.group(1), m.group(2))
+
+
+register_pattern(r"(timm|torchvision)/(.+)", "library", _library)

@@ -19,6 +19,7 @@ from kdlab.errors import ConfigError, warn
 from kdlab.fileio import sha256_file
 from kdlab.loggers import logger_entries
 from kdlab.models import build_model, feature_shapes
+from kdlab.models.library import attach_preprocess, is_library_arch, pretrained_sha256
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.modules.datafree import DataFreeModule
 from kdlab.modules.selfdistill import SelfDistillModule, self_teaching_layers
@@ -47,23 +48,40 @@ NON_SEMANTIC_TRAINER_KEYS = {
 
 
 
-def model_from_spec(spec: StageSpec, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def model_from_spec(spec: StageSpec, num_classes: int, in_channels: int, input_size: int,
+                    data_stats: tuple[Any, Any] | None = None) -> nn.Module:
     """The stage's model (its ``model`` entry: arch, on-the-fly settings, kwargs) for data of this shape."""
-    return model_from_entry(spec.model, num_classes, in_channels, input_size)
+    return model_from_entry(spec.model, num_classes, in_channels, input_size, data_stats)
 
 
-def model_from_entry(m: dict[str, Any], num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def model_from_entry(m: dict[str, Any], num_classes: int, in_channels: int, input_size: int,
+                     data_stats: tuple[Any, Any] | None = None) -> nn.Module:
     """A model from a stage's ``model`` entry (arch, on-the-fly settings, quant, kwargs; as a stored stage's
-    meta.json holds it) for data of this shape: the one place a stage's model is built from its spec."""
-    return build_model(m["arch"], num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-                       on_the_fly=bool(m.get("on_the_fly")), on_the_fly_n=m.get("on_the_fly_n"),
-                       on_the_fly_mode=m.get("on_the_fly_mode", "row"), quant=m.get("quant"),
-                       **dict(m.get("kwargs") or {}))
+    meta.json holds it) for data of this shape: the one place a stage's model is built from its spec.
+
+    Never loads weights (``model.pretrained`` is imported once, :func:`kdlab.pipeline.train.import_pretrained`).
+    ``data_stats`` (the data's mean, std): with them a library model gets the input adapter of
+    ``model.preprocess`` (:func:`kdlab.models.library.attach_preprocess`)."""
+    kwargs = dict(m.get("kwargs") or {})
+    library = is_library_arch(m["arch"])
+    if library and m.get("pretrained") is not None:
+        kwargs["pretrained"] = True  # built as the weights' architecture (e.g. a ViT at the weights' grid)
+    model = build_model(m["arch"], num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                        on_the_fly=bool(m.get("on_the_fly")), on_the_fly_n=m.get("on_the_fly_n"),
+                        on_the_fly_mode=m.get("on_the_fly_mode", "row"), quant=m.get("quant"), **kwargs)
+    setting = m.get("preprocess", "auto")
+    # auto: only weights trained elsewhere expect another input; a model trained here learns the data's own
+    if data_stats is not None and (isinstance(setting, dict) or (setting == "auto" and library
+                                                                  and m.get("pretrained") is not None)):
+        attach_preprocess(model, m["arch"], setting, data_stats[0], data_stats[1], input_size)
+    return model
 
 
 def build_stage_model(spec: StageSpec, dm: Any) -> nn.Module:
-    """The stage's model for the loaded data module ``dm`` (its class count, channels and image size)."""
-    return model_from_spec(spec, dm.num_classes, dm.in_channels, dm.image_size)
+    """The stage's model for the loaded data module ``dm`` (its class count, channels, image size and
+    normalization)."""
+    stats = (tuple(getattr(dm, "mean", ()) or ()), tuple(getattr(dm, "std", ()) or ()))
+    return model_from_spec(spec, dm.num_classes, dm.in_channels, dm.image_size, stats if stats[0] else None)
 
 
 def count_params(model: nn.Module) -> int:
@@ -97,6 +115,10 @@ def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) 
         desc = {"model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
                 "input_size": dm.image_size, "data": dm.fingerprint(),
                 "checkpoint_sha256": sha256_file(Path(spec.checkpoint))}
+    elif spec.pretrained is not None:  # imported as it is: its weights and the data it is evaluated on
+        desc = {"model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
+                "input_size": dm.image_size, "data": dm.fingerprint(),
+                "pretrained_sha256": pretrained_sha256(spec.arch, spec.pretrained, dm.in_channels)}
     return desc
 
 

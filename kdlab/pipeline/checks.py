@@ -9,7 +9,7 @@ import torch
 from kdlab.distill import SourceSelector
 from kdlab.distill.base import strategy_class
 from kdlab.errors import ConfigError, unknown_name
-from kdlab.models import MODELS
+from kdlab.models.factory import check_model_name
 from kdlab.pipeline.runtime import sources_channels_last
 from kdlab.pipeline.spec import StageSpec, build_stages
 
@@ -78,7 +78,9 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
         raise ConfigError(f"pipeline=data_free needs a data-free strategy for its student (distill=dafl), got "
                           f"distill.strategy={specs[-1].distill.get('strategy')!r}")
     for s in specs:
-        MODELS.get(s.arch)
+        check_model_name(s.arch)  # zoo names, generic patterns (wrn_22_8) and library models (timm/<name>)
+        if isinstance(s.pretrained, str) and not Path(s.pretrained).expanduser().is_file():
+            raise ConfigError(f"model.pretrained {s.pretrained!r} (stage {s.name}) does not exist or is not a file")
         _positive(s.max_epochs, f"trainer.max_epochs (stage {s.name})", integer=True)
         lr = s.optimizer.get("lr")
         if lr is not None:

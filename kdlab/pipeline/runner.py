@@ -25,8 +25,9 @@ from kdlab.models.quant import quant_report
 from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.lr_scaling import describe
 from kdlab.pipeline.spec import StageSpec, build_stages
-from kdlab.pipeline.train import import_checkpoint, resume_point, train_stage
+from kdlab.pipeline.train import import_checkpoint, import_pretrained, resume_point, train_stage
 from kdlab.ranks import RankSync
 from kdlab.store import StageRecord, StageStore, stage_key
 
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 RESULTS_SCHEMA = 1
 STAGE_FIELDS = ("params", "epochs", "best_epoch", "val_acc", "test_acc", "test_acc_last", "train_seconds",
                 "samples_per_second", "val_curve", "extra_params", "stage_seconds")
-# data-free stages (DAFL): test_acc is the last epoch's, the best-on-val epoch's numbers are labelled
-OPTIONAL_STAGE_FIELDS = ("data_free", "test_acc_best_val", "val_acc_best")
+# data-free stages (DAFL): test_acc is the last epoch's, the best-on-val epoch's numbers are labelled;
+# pretrained: an imported library (or weights-file) stage, evaluated as it is, never trained
+OPTIONAL_STAGE_FIELDS = ("data_free", "test_acc_best_val", "val_acc_best", "pretrained")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -87,9 +89,11 @@ def run_summary(cfg: dict[str, Any], dm: Any, specs: list[StageSpec]) -> str:
 
     epochs = per_stage({s.name: s.max_epochs for s in specs})
     lrs = per_stage({s.name: s.optimizer.get("lr") for s in specs})
+    scaled = [s.extra["lr_scaling"] for s in specs if s.extra.get("lr_scaling")]  # optimizer.lr_scaling
+    scaling = f"; {describe(scaled[-1])}" if scaled else ""
     return (f"data {dm.name}: {dm.train_size:,} train / {dm.val_size:,} val / {dm.test_size:,} test images "
             f"(preset {preset or 'none'}), batch {dm.batch_size}; {len(specs)} stage(s) "
-            f"({', '.join(s.name for s in specs)}): epochs {epochs}, lr {lrs}")
+            f"({', '.join(s.name for s in specs)}): epochs {epochs}, lr {lrs}{scaling}")
 
 
 def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict[str, Any], dm: Any
@@ -144,16 +148,20 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
             with store.lock(key, spec.name):  # held while training: parallel runs wait, then reuse it
                 if sync.leader:
                     record = store.lookup(key, spec.name)
-                    resume = None if record or spec.checkpoint else resume_point(store.work_dir(key), spec.name)
+                    imported = spec.checkpoint or spec.pretrained is not None
+                    resume = None if record or imported else resume_point(store.work_dir(key), spec.name)
                     plan = sync.share({"key": key, "train": record is None, "resume": resume})
                 else:
                     plan = sync.receive(key, store)
                     record = None if plan["train"] else store.read(key, spec.name)
                 cached, extra = record is not None, {}
                 if record is None:
-                    log.info("stage %s (%s): training, store key %s", spec.name, spec.arch, key)
+                    log.info("stage %s (%s): %s, store key %s", spec.name, spec.arch,
+                             "importing" if spec.checkpoint or spec.pretrained is not None else "training", key)
                     if spec.checkpoint:
                         record = import_checkpoint(spec, key, ctx, description)
+                    elif spec.pretrained is not None:
+                        record = import_pretrained(spec, key, ctx, description)
                     else:
                         record, extra = train_stage(spec, key, sources, ctx, description, resume=plan["resume"])
                 else:

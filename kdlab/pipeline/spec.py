@@ -26,6 +26,7 @@ from kdlab.distill.base import strategy_class
 from kdlab.distill.stochastic import stochastic_config
 from kdlab.errors import ConfigError
 from kdlab.models.quant import quant_config
+from kdlab.pipeline.lr_scaling import scaled_optimizer
 from kdlab.pipeline.topology import TOPOLOGIES
 
 MODEL_DEFAULTS = {"on_the_fly": False, "on_the_fly_n": None, "on_the_fly_mode": "row", "kwargs": {}}
@@ -51,6 +52,11 @@ class StageSpec:
     def arch(self) -> str:
         return str(self.model["arch"])
 
+    @property
+    def pretrained(self) -> Any:
+        """``model.pretrained`` (true or a weights file) of an imported library stage, else None."""
+        return self.model.get("pretrained")
+
 
 def model_spec(entry: Any) -> dict[str, Any]:
     """Normalize a chain entry (a zoo name or a mapping with ``arch``) to a full model spec."""
@@ -62,7 +68,7 @@ def model_spec(entry: Any) -> dict[str, Any]:
         raise ConfigError(f"a chain entry must be a model name or a mapping with 'arch', got {entry!r}")
     out = {**copy.deepcopy(MODEL_DEFAULTS), **spec}
     out["kwargs"] = dict(out.get("kwargs") or {})
-    return with_quant(out)
+    return with_library_options(with_quant(out))
 
 
 def with_quant(model: dict[str, Any], where: str = "model.quant") -> dict[str, Any]:
@@ -72,6 +78,27 @@ def with_quant(model: dict[str, Any], where: str = "model.quant") -> dict[str, A
     q = quant_config(out.pop("quant", None), where)
     if q is not None:
         out["quant"] = q
+    return out
+
+
+def with_library_options(model: dict[str, Any], where: str = "model") -> dict[str, Any]:
+    """``model`` with ``pretrained`` and ``preprocess`` checked and kept only where they are set (``pretrained``
+    true or a path, ``preprocess`` other than ``auto``), so a float zoo stage's store key stays what it was;
+    the ``name`` of a ``model=timm`` / ``model=torchvision`` node is dropped (``arch`` already holds it)."""
+    from kdlab.models.library import is_library_arch, preprocess_setting
+
+    out = dict(model)
+    if is_library_arch(out.get("arch")):
+        out.pop("name", None)
+    pretrained = out.pop("pretrained", None)
+    if pretrained is True or (isinstance(pretrained, str) and pretrained.strip()):
+        out["pretrained"] = pretrained
+    elif pretrained not in (None, False, ""):
+        raise ConfigError(f"{where}.pretrained must be true (the library's weights), a weights file path or "
+                          f"null, got {pretrained!r}")
+    preprocess = preprocess_setting(out.pop("preprocess", None), f"{where}.preprocess")
+    if preprocess != "auto":
+        out["preprocess"] = preprocess
     return out
 
 
@@ -207,15 +234,30 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
         # the keys its strategy reads and nothing else: what the stage's store key hashes
         stage_distill = strategy_class(stage_distill).own_config(stage_distill)
         model = with_quant(deep_merge(models[i], over.get("model")), f"model.quant (stage {name})")
+        model = with_library_options(model, f"model (stage {name})")
+        checkpoint = p.get("teacher_checkpoint") if i == 0 and topology != "custom" else None
+        if model.get("pretrained") is not None:
+            if sources[i]:
+                raise ConfigError(f"stage {name!r}: model.pretrained imports a stage as it is (evaluated, never "
+                                  f"trained), but it has sources ({', '.join(sources[i])}); only a stage without "
+                                  f"sources (a teacher) can be pretrained")
+            if model.get("on_the_fly") or model.get("quant"):
+                raise ConfigError(f"stage {name!r}: model.pretrained imports the weights as they are; on_the_fly "
+                                  f"and model.quant change the model, so they cannot apply to a pretrained stage")
+            if checkpoint:
+                raise ConfigError(f"stage {name!r} has both pipeline.teacher_checkpoint and model.pretrained; "
+                                  f"give one")
         max_epochs = int(over.get("max_epochs", cfg["trainer"].get("max_epochs", 1)))
+        # optimizer.lr_scaling: the lr for this run's global batch (kdlab/pipeline/lr_scaling.py), hashed as such
+        optimizer, scaling = scaled_optimizer(deep_merge(dict(cfg["optimizer"]), over.get("optimizer")), cfg)
         specs.append(StageSpec(
             name=name, role=role, model=model, sources=list(sources[i]), distill=stage_distill,
-            optimizer=deep_merge(dict(cfg["optimizer"]), over.get("optimizer")),
+            optimizer=optimizer, extra={"lr_scaling": scaling} if scaling else {},
             scheduler=deep_merge(dict(cfg["scheduler"]), over.get("scheduler")),
             max_epochs=max_epochs,
             seed=int(over["seed"]) if over.get("seed") is not None else seeds[i] + int(over.get("seed_offset", 0)),
             stochastic=stage_stochastic,
-            checkpoint=(p.get("teacher_checkpoint") if i == 0 and topology != "custom" else None),
+            checkpoint=checkpoint,
         ))
         seen.add(name)
     return specs

@@ -16,6 +16,7 @@ from kdlab.callbacks import build_callbacks, has_progress_bar
 from kdlab.errors import ConfigError, StoreError, TrainingError, warn
 from kdlab.fileio import load_weights
 from kdlab.loggers import build_loggers, finish_loggers
+from kdlab.models.library import load_pretrained, pretrained_state
 from kdlab.modules import DistillModule
 from kdlab.modules.datafree import DataFreeModule
 from kdlab.pipeline.assemble import (
@@ -173,6 +174,13 @@ def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: d
             raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
                               f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
     model.load_state_dict(state)
+    return evaluate_and_commit(spec, key, ctx, description, model, {"imported_from": str(path)})
+
+
+def evaluate_and_commit(spec: StageSpec, key: str, ctx: RunContext, description: dict[str, Any],
+                        model: torch.nn.Module, extra_meta: dict[str, Any]) -> StageRecord:
+    """An imported stage (its weights loaded into ``model``): evaluated once on val and test, stored."""
+    t_stage = time.perf_counter()
     module = build_module(spec, model, {}, ctx, frozen=True)
     trainer = make_trainer(ctx, spec, max_epochs=1, logger=False, enable_progress_bar=False,
                            enable_checkpointing=False)
@@ -183,6 +191,15 @@ def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: d
             "params": count_params(model), "extra_params": 0, "epochs": 0, "best_epoch": None,
             "val_acc": val, "test_acc": test, "test_acc_last": test, "train_seconds": 0.0,
             "samples_per_second": None, "val_curve": [val], "description": description,
-            "imported_from": str(path)}
+            "stage_seconds": round(time.perf_counter() - t_stage, 3), **extra_meta}
     return ctx.store.commit(key, model.state_dict(), meta)
+
+
+def import_pretrained(spec: StageSpec, key: str, ctx: RunContext, description: dict[str, Any]) -> StageRecord:
+    """A stage with ``model.pretrained`` (true: the library's weights; a path: a local weights file): built,
+    loaded (checked key by key), evaluated once and stored under the hash of its weights; never trained."""
+    state, _, where = pretrained_state(spec.arch, spec.pretrained, ctx.dm.in_channels)
+    model = build_stage_model(spec, ctx.dm)
+    load_pretrained(model, state, spec.arch, where, ctx.dm.num_classes)
+    return evaluate_and_commit(spec, key, ctx, description, model, {"pretrained": True, "imported_from": where})
 
