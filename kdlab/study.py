@@ -202,8 +202,8 @@ def part_pairs(rows: list[dict], by: list[str], meta: dict) -> list[dict]:
     return paired_table(rows, by[:1], f"{by[0]}={base}" if base else None, pairs)
 
 
-def tables(study: dict, record: dict, out: Path, plots: bool) -> str:
-    """compare each part's sweeps into ``out/<part>/`` and return the markdown of all parts."""
+def tables(study: dict, record: dict, out: Path, plots: bool) -> list[tuple[str, str]]:
+    """compare each part's sweeps into ``out/<part>/`` and return each part's markdown, (part, markdown)."""
     by = [f.strip() for f in str(study["by"]).split(",")]
     blocks = []
     for part, meta in study["parts"].items():
@@ -232,8 +232,8 @@ def tables(study: dict, record: dict, out: Path, plots: bool) -> str:
                                                        for r in rows) else None)
         (out / part / "comparison.md").write_text(md, encoding="utf-8")
         print("wrote " + ", ".join(str(w) for w in [*written, out / part / "comparison.md"]))
-        blocks.append(md)
-    return "\n".join(blocks)
+        blocks.append((part, md))
+    return blocks
 
 
 def cpu_name() -> str:
@@ -310,7 +310,8 @@ def run(a: argparse.Namespace) -> int:
 def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None:
     """The tables of a finished study (``record``) into ``out``, and with --docs into the README."""
     out.mkdir(parents=True, exist_ok=True)
-    md = tables(study, record, out, plots=not a.no_plots)
+    blocks = tables(study, record, out, plots=not a.no_plots)
+    md = "\n".join(b for _, b in blocks)
     seeds, extra, m = record["seeds"], record["overrides"], record["machine"]
     header = (f"Measured by `python -m kdlab.study {record['study']}"
               + (f" --seeds {','.join(map(str, seeds))}" if seeds != study["seeds"] else "")
@@ -323,8 +324,14 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
     (out / "results.md").write_text(header + md, encoding="utf-8")
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out / 'results.md'}, {out / 'study.json'}")
-    if a.docs:
-        update_readme(header + md)
+    if a.docs:  # the README (a first-day page) gets the study's readme_parts; the others are linked
+        shown = study.get("readme_parts") or [p for p, _ in blocks]
+        rest = [p for p, _ in blocks if p not in shown]
+        block = header + "\n".join(b for p, b in blocks if p in shown)
+        if rest:
+            block += (f"\nThe tables of the other parts ({', '.join(rest)}), with the same columns: "
+                      f"[docs/results/results.md](docs/results/results.md).\n")
+        update_readme(block)
         print(f"updated {README} between {BEGIN} and {END}")
 
 

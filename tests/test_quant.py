@@ -195,7 +195,7 @@ def test_switching_bits_per_forward_pass():
 def test_quant_is_in_the_store_key_and_a_float_key_does_not_move():
     base = ["+experiment=quant_alone_fashion_mnist"]
     q2 = stage_keys(compose_config(*base))["student"]
-    q3 = stage_keys(compose_config(*base, "model.quant.weight_bits=3"))["student"]
+    q3 = stage_keys(compose_config(*base, "pipeline.quant_model.quant.weight_bits=3"))["student"]
     assert q2 != q3
     plain = compose_config("pipeline=single", "model=resnet8")
     explicit_null = compose_config("pipeline=single", "model=resnet8", "model.quant.weight_bits=null")
