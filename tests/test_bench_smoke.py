@@ -319,7 +319,7 @@ def test_imagefolder_loader_benchmark(bench):
 def test_gpu_bench_dry_run_measures_both_kd_steps(bench):
     """bench_gpu's code path on the CPU at tiny sizes (--gpu-dry-run): the CIFAR-100-shaped step and the
     ImageNet-shaped torchvision ResNet-34 -> ResNet-18 step, each in fp32 and bf16-mixed."""
-    common, o = bench
+    _, o = bench
     import bench_gpu
 
     bench_gpu.DRY_RUN = True
