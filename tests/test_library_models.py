@@ -160,7 +160,7 @@ def test_pretrained_weights_are_checked(tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     torch.save(build_model(TIMM, 1000, 3).state_dict(), tmp_path / "in1k.pt")
     state, _, where = pretrained_state(TIMM, str(tmp_path / "in1k.pt"), 3)
-    with pytest.raises(ConfigError, match=r"have 1000 classes \(fc.weight\); the data set has 10"):
+    with pytest.raises(ConfigError, match=r"has 1000 classes; the data set has 10 \(fc.weight\)"):
         load_pretrained(fresh, state, TIMM, where, 10)
     with pytest.raises(ConfigError, match="needs a library model"):
         pretrained_state("plain2", True, 3)

@@ -363,8 +363,10 @@ def pretrained_sha256(arch: str, pretrained: Any, in_channels: int) -> str:
 
 
 def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], arch: str, where: str,
-                    num_classes: int) -> None:
-    """Load ``state`` into ``model`` exactly, or one line naming the file, the arch and a mismatching key.
+                    num_classes: int, what: str = "pretrained weights") -> None:
+    """Load ``state`` into ``model`` exactly, or one line naming the file (``what`` ``where``), the arch and a
+    mismatching key. The one check of every imported stage (a library model's weights, a zoo model's
+    ``pipeline.teacher_checkpoint``).
 
     A classifier of another class count is an error too (not silently re-initialised, as timm does): an
     imported stage is evaluated as it is, and a fresh classifier would make it a random teacher."""
@@ -374,17 +376,18 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], arch: str,
     cls_weight = f"{cls}.weight" if cls else None
     if cls_weight and cls_weight in state and cls_weight in expected \
             and state[cls_weight].shape[0] != expected[cls_weight].shape[0]:
-        raise ConfigError(f"pretrained weights {where!r} have {state[cls_weight].shape[0]} classes ({cls_weight}); "
-                          f"the data set has {num_classes}: an imported stage is evaluated as it is, so its "
+        raise ConfigError(f"{what} {where!r} has {state[cls_weight].shape[0]} classes; the data set has "
+                          f"{num_classes} ({cls_weight}): an imported stage is evaluated as it is, so its "
                           f"classifier must match the data set's classes")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         example = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise ConfigError(f"pretrained weights {where!r} do not match architecture {arch!r}: {len(missing)} "
-                          f"missing and {len(unexpected)} unexpected keys (e.g. {example})")
+        raise ConfigError(f"{what} {where!r} do{'' if what.endswith('s') else 'es'} not match architecture "
+                          f"{arch!r}: {len(missing)} missing and {len(unexpected)} unexpected keys (e.g. {example})")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ConfigError(f"pretrained weights {where!r} do not match architecture {arch!r}: {name} has shape "
-                              f"{tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+            raise ConfigError(f"{what} {where!r} do{'' if what.endswith('s') else 'es'} not match architecture "
+                              f"{arch!r}: {name} has shape {tuple(tensor.shape)}, expected "
+                              f"{tuple(expected[name].shape)}")
     model.load_state_dict(state)

@@ -157,23 +157,7 @@ def import_checkpoint(spec: StageSpec, key: str, ctx: RunContext, description: d
         raise ConfigError(f"teacher checkpoint {str(path)!r} is not a state_dict")
     state = _state_from_lightning(raw) if "state_dict" in raw else raw
     model = build_stage_model(spec, ctx.dm)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
-                          f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                          f"keys (e.g. {unexpected[:2]})")
-    classifier = [k for k, v in expected.items() if v.ndim == 2][-1:]  # the last Linear's weight
-    for name in classifier:
-        if state[name].shape[0] != expected[name].shape[0]:
-            raise ConfigError(f"teacher checkpoint {str(path)!r} has {state[name].shape[0]} classes; the data set "
-                              f"has {ctx.dm.num_classes}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {spec.arch!r}: "
-                              f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-    model.load_state_dict(state)
+    load_pretrained(model, state, spec.arch, str(path), ctx.dm.num_classes, what="teacher checkpoint")
     return evaluate_and_commit(spec, key, ctx, description, model, {"imported_from": str(path)})
 
 
