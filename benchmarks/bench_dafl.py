@@ -46,24 +46,12 @@ def overrides(o: Options, experiment: str, batch: int, epochs: int, extra: list[
 def stage(o: Options, name: str, experiment: str, batch: int, epochs: int, extra: list[str] = ()
           ) -> dict[str, Any]:
     """Train the recipe's student (never reused from the store: dropped afterwards) and time its steps."""
-    results, rec = common.run_pipeline(overrides(o, experiment, batch, epochs, extra), name, o)
+    results, timed, rec = common.timed_fresh_stage(o, overrides(o, experiment, batch, epochs, extra), name, batch)
     teacher, student = results["stages"][0], results["stages"][-1]
-    if student["cached"]:
-        raise RuntimeError(f"{name}: the student stage came from the store; nothing was timed")
-    common.drop_stage(o, student["store_key"])
     timer = rec.train_timer()
-    if timer is None or not timer.samples:
-        raise RuntimeError(f"{name}: no training step was timed (one batch per epoch? raise --subset)")
-    return {
-        "ms_per_step": round(1000 * batch * timer.seconds / timer.samples, 2),
-        "samples_per_second": round(timer.rate, 1),
-        "timed_steps": timer.batches, "timed_samples": timer.samples, "timed_seconds": round(timer.seconds, 3),
-        "steps_per_epoch": timer.batches // epochs + timer.skip, "epochs": epochs,
-        "stage_seconds": round(rec.stage_seconds.get(student["name"], float("nan")), 3),
-        "fit_seconds": student["train_seconds"], "test_acc": student["test_acc"],
-        "data_free": bool(student.get("data_free")), "extra_params": student.get("extra_params"),
-        "teacher_key": teacher["store_key"], "teacher_trained_here": not teacher["cached"],
-    }
+    return {**timed, "steps_per_epoch": timer.batches // epochs + timer.skip, "epochs": epochs,
+            "data_free": bool(student.get("data_free")), "extra_params": student.get("extra_params"),
+            "teacher_key": teacher["store_key"], "teacher_trained_here": not teacher["cached"]}
 
 
 def run(o: Options) -> dict[str, Any]:

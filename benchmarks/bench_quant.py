@@ -72,25 +72,12 @@ def overrides(o: Options, batch: int, epochs: int, extra: list[str]) -> list[str
 
 def stage(o: Options, name: str, batch: int, epochs: int, extra: list[str]) -> dict[str, Any]:
     """Train the single stage (never reused from the store: dropped afterwards) and time its steps."""
-    results, rec = common.run_pipeline(overrides(o, batch, epochs, extra), name, o)
+    results, timed, rec = common.timed_fresh_stage(o, overrides(o, batch, epochs, extra), name, batch)
     st = results["stages"][-1]
-    if st["cached"]:
-        raise RuntimeError(f"{name}: the stage came from the store; nothing was timed")
-    common.drop_stage(o, st["store_key"])
-    timer = rec.train_timer()
-    if timer is None or not timer.samples:
-        raise RuntimeError(f"{name}: no training step was timed (one batch per epoch? raise --subset)")
     module = rec.modules[-1] if rec.modules else None
-    return {
-        "ms_per_step": round(1000 * batch * timer.seconds / timer.samples, 2),
-        "samples_per_second": round(timer.rate, 1), "timed_steps": timer.batches,
-        "timed_samples": timer.samples, "timed_seconds": round(timer.seconds, 3), "epochs": epochs,
-        "stage_seconds": round(rec.stage_seconds.get(st["name"], float("nan")), 3),
-        "fit_seconds": st["train_seconds"], "test_acc": st["test_acc"],
-        "weight_bits": st.get("weight_bits"), "act_bits": st.get("act_bits"), "size_bytes": st.get("size_bytes"),
-        "module": type(module).__name__ if module is not None else None,
-        "teacher_bits": list(module.drawn) if getattr(module, "drawn", None) else None,
-    }
+    return {**timed, "epochs": epochs, "weight_bits": st.get("weight_bits"), "act_bits": st.get("act_bits"),
+            "size_bytes": st.get("size_bytes"), "module": type(module).__name__ if module is not None else None,
+            "teacher_bits": list(module.drawn) if getattr(module, "drawn", None) else None}
 
 
 # -- 3: implementations ---------------------------------------------------------------------------------

@@ -309,6 +309,27 @@ def student_stage(o: Options, sources: int, cache: bool | None, epochs: int, ext
 
 
 # -- result format -------------------------------------------------------------------------------------
+def timed_fresh_stage(o: Options, overrides: list[str], name: str, batch: int) -> tuple[dict, dict, Any]:
+    """Run a pipeline whose last stage must train here (it is dropped from the store afterwards, so the next
+    repeat trains it again) and time its steps: (results, the steady-state figures of that stage, the
+    recording). A stage from the store or one without a timed step is an error: nothing would be measured."""
+    results, rec = run_pipeline(overrides, name, o)
+    st = results["stages"][-1]
+    if st["cached"]:
+        raise RuntimeError(f"{name}: the stage {st['name']} came from the store; nothing was timed")
+    drop_stage(o, st["store_key"])
+    timer = rec.train_timer()
+    if timer is None or not timer.samples:
+        raise RuntimeError(f"{name}: no training step was timed (one batch per epoch? raise --subset)")
+    return results, {
+        "ms_per_step": round(1000 * batch * timer.seconds / timer.samples, 2),
+        "samples_per_second": round(timer.rate, 1), "timed_steps": timer.batches,
+        "timed_samples": timer.samples, "timed_seconds": round(timer.seconds, 3),
+        "stage_seconds": round(rec.stage_seconds.get(st["name"], float("nan")), 3),
+        "fit_seconds": st["train_seconds"], "test_acc": st["test_acc"],
+    }, rec
+
+
 def figure(key: str, label: str, value: float | None, unit: str = "", target: str | None = None,
            ok: bool | None = None, note: str = "") -> dict[str, Any]:
     """One row of the bench table. ``target`` is text like '>= 0.95'; ok is None when there is none."""
