@@ -1,11 +1,11 @@
-# kdlab: make install | install-unpinned | lock | run | test | test-slow | bench | study | lint | docs
+# kdlab: make install | install-unpinned | lock | run | test | test-slow | bench | study | study-gap | lint | docs
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: install install-unpinned lock run test test-slow test-all bench study lint docs clean
+.PHONY: install install-unpinned lock run test test-slow test-all bench study study-gap lint docs clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ bench: install
 
 study: install
 	$(PY) -m kdlab.study fashion_mnist --docs $(ARGS)
+
+# the capacity-gap study (conf/study/capacity_gap.yaml): tables, gain-vs-gap figure, the README's block
+study-gap: install
+	$(PY) -m kdlab.study capacity_gap --docs $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check kdlab tests benchmarks

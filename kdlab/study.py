@@ -64,7 +64,14 @@ def load_study(name: str) -> dict:
     cfg.setdefault("overrides", [])
     cfg.setdefault("by", "experiment")
     cfg.setdefault("last_k", 3)
+    cfg.setdefault("docs_dir", "docs/results")
+    cfg.setdefault("readme_marker", "results")
     return cfg
+
+
+def docs_dir(study: dict) -> Path:
+    """Where ``--docs`` writes the study's tables: its ``docs_dir`` (default docs/results), under the repo."""
+    return ROOT / str(study["docs_dir"])
 
 
 def sweep_args(study: dict, sweep: dict, seeds: Sequence[int], extra: Sequence[str]) -> list[str]:
@@ -156,14 +163,20 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     return "\n".join(lines) + "\n"
 
 
-def update_readme(block: str, readme: Path = README) -> None:
+def markers(marker: str = "results") -> tuple[str, str]:
+    """The README markers a study writes between: ``<!-- results:begin -->`` (a study's ``readme_marker``)."""
+    return f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+
+
+def update_readme(block: str, readme: Path = README, marker: str = "results") -> None:
+    begin, end = markers(marker)
     text = readme.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise ConfigError(f"{readme} has no {BEGIN} ... {END} markers to write the results between")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in text or end not in text:
+        raise ConfigError(f"{readme} has no {begin} ... {end} markers to write the results between")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{block}{END}{tail}", encoding="utf-8")
+    tmp.write_text(f"{head}{begin}\n{block}{end}{tail}", encoding="utf-8")
     tmp.replace(readme)
 
 
@@ -202,8 +215,10 @@ def part_pairs(rows: list[dict], by: list[str], meta: dict) -> list[dict]:
     return paired_table(rows, by[:1], f"{by[0]}={base}" if base else None, pairs)
 
 
-def tables(study: dict, record: dict, out: Path, plots: bool) -> list[tuple[str, str]]:
-    """compare each part's sweeps into ``out/<part>/`` and return each part's markdown, (part, markdown)."""
+def tables(study: dict, record: dict, out: Path, plots: bool,
+           collected: dict[str, tuple[list[dict], list[dict]]] | None = None) -> list[tuple[str, str]]:
+    """compare each part's sweeps into ``out/<part>/`` and return each part's markdown, (part, markdown);
+    ``collected`` (if given) gets each part's (rows, paired comparisons)."""
     by = [f.strip() for f in str(study["by"]).split(",")]
     blocks = []
     for part, meta in study["parts"].items():
@@ -231,6 +246,8 @@ def tables(study: dict, record: dict, out: Path, plots: bool) -> list[tuple[str,
                            meta.get("baseline") if any(str(r["fields"].get(by[0])) == str(meta.get("baseline"))
                                                        for r in rows) else None)
         (out / part / "comparison.md").write_text(md, encoding="utf-8")
+        if collected is not None:
+            collected[part] = (rows, paired)
         print("wrote " + ", ".join(str(w) for w in [*written, out / part / "comparison.md"]))
         blocks.append((part, md))
     return blocks
@@ -272,7 +289,7 @@ def run(a: argparse.Namespace) -> int:
     sweeps = [s for s in study["sweeps"] if s["part"] in only]
     stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     root = Path(a.root) if a.root else ROOT / "outputs" / "study" / Path(a.name).stem / stamp
-    out = DOCS_OUT if a.docs else Path(a.out) if a.out else root / "results"
+    out = docs_dir(study) if a.docs else Path(a.out) if a.out else root / "results"
 
     record = {"study": a.name, "seeds": seeds, "overrides": extra, "root": str(root), "machine": machine(),
               "started": datetime.now().isoformat(timespec="seconds"), "sweeps": []}
@@ -310,7 +327,19 @@ def run(a: argparse.Namespace) -> int:
 def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None:
     """The tables of a finished study (``record``) into ``out``, and with --docs into the README."""
     out.mkdir(parents=True, exist_ok=True)
-    blocks = tables(study, record, out, plots=not a.no_plots)
+    collected: dict[str, tuple[list[dict], list[dict]]] = {}
+    blocks = tables(study, record, out, plots=not a.no_plots, collected=collected)
+    if study.get("gain_vs_gap"):  # a capacity-gap study: each method's paired gain against the gap
+        from kdlab import gain_vs_gap
+
+        cfg = study["gain_vs_gap"]
+        pts = gain_vs_gap.points(collected, cfg)
+        written = gain_vs_gap.write(pts, cfg, out, plots=not a.no_plots)
+        print("wrote " + ", ".join(str(w) for w in written))
+        if pts:
+            figure = "\n![gain vs gap](gain_vs_gap.png)\n" if not a.no_plots else ""
+            blocks.insert(0, ("gain_vs_gap", f"#### {cfg.get('title', 'Gain vs gap')}\n\n"
+                                             f"{cfg.get('note', '')}\n\n{gain_vs_gap.markdown(pts, cfg)}{figure}"))
     md = "\n".join(b for _, b in blocks)
     seeds, extra, m = record["seeds"], record["overrides"], record["machine"]
     header = (f"Measured by `python -m kdlab.study {record['study']}"
@@ -327,12 +356,14 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
     if a.docs:  # the README (a first-day page) gets the study's readme_parts; the others are linked
         shown = study.get("readme_parts") or [p for p, _ in blocks]
         rest = [p for p, _ in blocks if p not in shown]
-        block = header + "\n".join(b for p, b in blocks if p in shown)
+        docs = docs_dir(study).relative_to(ROOT).as_posix()
+        block = header + "\n".join(b.replace("](gain_vs_gap.png)", f"]({docs}/gain_vs_gap.png)")
+                                   for p, b in blocks if p in shown)
         if rest:
             block += (f"\nThe tables of the other parts ({', '.join(rest)}), with the same columns: "
-                      f"[docs/results/results.md](docs/results/results.md).\n")
-        update_readme(block)
-        print(f"updated {README} between {BEGIN} and {END}")
+                      f"[{docs}/results.md]({docs}/results.md).\n")
+        update_readme(block, marker=study["readme_marker"])
+        print(f"updated {README} between {' and '.join(markers(study['readme_marker']))}")
 
 
 def tables_only(a: argparse.Namespace) -> int:
@@ -344,7 +375,7 @@ def tables_only(a: argparse.Namespace) -> int:
         raise ConfigError(f"--root {a.root} holds no study.json (not a finished study run)")
     record = json.loads(path.read_text(encoding="utf-8"))
     study = load_study(a.name)
-    out = DOCS_OUT if a.docs else Path(a.out) if a.out else Path(a.root) / "results"
+    out = docs_dir(study) if a.docs else Path(a.out) if a.out else Path(a.root) / "results"
     publish(study, record, out, a)
     return 1 if any(s.get("exit_code") for s in record["sweeps"]) else 0
 

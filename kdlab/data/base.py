@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from kdlab.data.augment import Normalizer, ViewSpace, view_space
+from kdlab.data.augment import AUGMENTS, Normalizer, ViewSpace, view_space
 from kdlab.data.loader import TensorLoader
 from kdlab.data.splits import take_subset, train_val_split
 from kdlab.errors import ConfigError, DataError
@@ -50,6 +52,7 @@ class KdDataModule(pl.LightningDataModule):
         self.classes: list[str] | None = None
         self._loaded = False
         self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str | None] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -59,6 +62,32 @@ class KdDataModule(pl.LightningDataModule):
 
     def _load(self) -> None:
         raise NotImplementedError
+
+    #: the data.augment values this data module knows
+    augments: tuple[str, ...] = AUGMENTS
+
+    def check_augment(self, augment: str, where: str = "data.augment") -> str:
+        if augment not in self.augments:
+            raise ConfigError(f"unknown {where} {augment!r} for {self.name or 'this data set'}; known: "
+                              f"{', '.join(self.augments)}")
+        return augment
+
+    @contextmanager
+    def stage_augment(self, augment: str | None) -> Iterator[KdDataModule]:
+        """The training augmentation of one stage (``pipeline.per_stage.<stage>.augment``; None: the data's own,
+        ``data.augment``) while the block runs: its fingerprint (so its store key), batches and view space."""
+        if augment is None or augment == self.augment:
+            yield self
+            return
+        saved = self.augment, self._fingerprint
+        self._fingerprints[self.augment] = self._fingerprint  # each augmentation's fingerprint is hashed once
+        self.augment = self.check_augment(augment)
+        self._fingerprint = self._fingerprints.get(augment)
+        try:
+            yield self
+        finally:
+            self._fingerprints[self.augment] = self._fingerprint
+            self.augment, self._fingerprint = saved
 
     # ---- contract --------------------------------------------------------------------------------
     @property

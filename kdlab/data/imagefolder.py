@@ -249,6 +249,7 @@ def _scan(directory: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]
 
 @DATASETS.register("imagefolder")
 class ImageFolderDataModule(KdDataModule):
+    augments = FOLDER_AUGMENTS
     name = "imagefolder"
 
     def _load(self) -> None:

@@ -91,12 +91,14 @@ def count_params(model: nn.Module) -> int:
 def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) -> dict[str, Any]:
     """Everything that determines a stage's weights; its hash is the store key."""
     cfg, dm = ctx.cfg, ctx.dm
+    with dm.stage_augment(spec.augment):  # a stage trained with its own augmentation: its own data fingerprint
+        data = dm.fingerprint()
     trainer = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     # the precision the stage really trains at (auto differs per machine), so fp32 and bf16 weights never mix
     trainer["precision"] = str(resolve_precision(trainer.get("precision", "auto"), compute_device(ctx)))
     desc: dict[str, Any] = {
         "model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
-        "input_size": dm.image_size, "data": dm.fingerprint(), "batch_size": cfg["data"]["batch_size"],
+        "input_size": dm.image_size, "data": data, "batch_size": cfg["data"]["batch_size"],
         "sources": source_keys, "distill": spec.distill, "stochastic": spec.stochastic,
         "optimizer": spec.optimizer, "scheduler": spec.scheduler, "max_epochs": spec.max_epochs,
         "seed": spec.seed, "trainer": trainer,
@@ -131,7 +133,8 @@ def reads_training_views(spec: StageSpec) -> bool:
     """Whether the stage's sources see its training batches (and so could teach from view caches): not for a
     stage without sources, nor for a data-free one (its sources see generated images)."""
     strategy = STRATEGIES.get(str(spec.distill.get("strategy", "kd")))
-    return bool(spec.sources) and not getattr(strategy, "data_free", False)
+    # a stage with its own augmentation (pipeline.per_stage.<name>.augment) is not planned on the data's views
+    return bool(spec.sources) and not getattr(strategy, "data_free", False) and spec.augment is None
 
 
 def uses_views(ctx: RunContext, source_key: str, taps: list[str]) -> bool:
@@ -234,6 +237,11 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
     no weights and no training, so that a bad setting fails before the first stage is trained or stored."""
     by_name = {s.name: s for s in specs}
     for spec in specs:
+        if spec.augment is not None:
+            if spec.checkpoint or spec.pretrained is not None:
+                raise ConfigError(f"stage {spec.name!r} is imported (evaluated, never trained), so "
+                                  f"pipeline.per_stage.{spec.name}.augment does not apply to it")
+            ctx.dm.check_augment(spec.augment, f"pipeline.per_stage.{spec.name}.augment")
         model = build_stage_model(spec, ctx.dm)
         for what, node in (("optimizer", spec.optimizer), ("scheduler", spec.scheduler)):
             try:

@@ -163,7 +163,9 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                     elif spec.pretrained is not None:
                         record = import_pretrained(spec, key, ctx, description)
                     else:
-                        record, extra = train_stage(spec, key, sources, ctx, description, resume=plan["resume"])
+                        with dm.stage_augment(spec.augment):  # pipeline.per_stage.<name>.augment, if set
+                            record, extra = train_stage(spec, key, sources, ctx, description,
+                                                        resume=plan["resume"])
                 else:
                     log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
             done[spec.name] = (spec, record)

@@ -12,8 +12,11 @@
                        no two run seeds share a member and none starts from the student's initial weights;
                        the student has the run's seed, like the same student trained alone.
     pipeline.per_stage {stage name: {distill: {...}, optimizer: {...}, scheduler: {...}, max_epochs, model,
-                        seed_offset, seed}}  overrides for one stage (``seed`` fixes the stage's seed, e.g.
-                        one teacher shared by a sweep over seeds: +pipeline.per_stage.teacher.seed=0)
+                        seed_offset, seed, augment}}  overrides for one stage (``seed`` fixes the stage's seed, e.g.
+                        one teacher shared by a sweep over seeds: +pipeline.per_stage.teacher.seed=0;
+                        ``augment`` its training augmentation, e.g. a teacher trained with crop_flip teaching
+                        students trained without, whose sources can then be cached:
+                        +pipeline.per_stage.teacher.augment=crop_flip)
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ class StageSpec:
     seed: int
     stochastic: dict[str, Any] | None = None
     checkpoint: str | None = None
+    #: the stage's training augmentation (``pipeline.per_stage.<name>.augment``); None: the data's own
+    augment: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -164,7 +169,7 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
             if e.get("name"):
                 per_stage[e["name"]] = deep_merge(per_stage.get(e["name"], {}),
                                                   {k: v for k, v in e.items()
-                                                   if k in ("distill", "optimizer", "scheduler", "max_epochs")})
+                                                   if k in ("distill", "optimizer", "scheduler", "max_epochs", "augment")})
     else:
         chain = list(p.get("chain") or [])
         k = p.get("ensemble")
@@ -258,6 +263,7 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
             seed=int(over["seed"]) if over.get("seed") is not None else seeds[i] + int(over.get("seed_offset", 0)),
             stochastic=stage_stochastic,
             checkpoint=checkpoint,
+            augment=None if over.get("augment") is None else str(over["augment"]),
         ))
         seen.add(name)
     return specs
