@@ -125,7 +125,7 @@ def test_the_capacity_gap_study_config_loads_with_its_figure_and_own_readme_bloc
     cfg = study.load_study("capacity_gap")
     assert cfg["seeds"] == [0, 1, 2, 3, 4] and cfg["readme_marker"] == "capacity-gap"
     assert study.docs_dir(cfg) == ROOT / "docs" / "results" / "capacity_gap"
-    widths = [next(o for o in s["overrides"] if o.startswith("gap.width=")) for s in cfg["sweeps"]]
+    widths = [next(o for o in s["overrides"] if o.startswith("++gap.width=")) for s in cfg["sweeps"]]
     assert len(set(widths)) == 3
     methods = {e for s in cfg["sweeps"] for e in s["experiments"]}
     assert set(cfg["gain_vs_gap"]["methods"]) | {cfg["gain_vs_gap"]["baseline"]} == methods
@@ -142,8 +142,8 @@ def test_tiny_capacity_gap_study_end_to_end(tmp_path):
         "gain_vs_gap: {baseline: gap_alone_fashion_mnist, methods: [gap_kd_fashion_mnist], labels: {gap_kd_fashion_mnist: KD}}\n"
         "parts:\n  wide: {baseline: gap_alone_fashion_mnist, title: Wide}\n  thin: {baseline: gap_alone_fashion_mnist, title: Thin}\n"
         "sweeps:\n"
-        "  - {part: wide, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [gap.width=0.5]}\n"
-        "  - {part: thin, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [gap.width=0.125]}\n")
+        "  - {part: wide, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [++gap.width=0.5]}\n"
+        "  - {part: thin, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [++gap.width=0.125]}\n")
     out = tmp_path / "results"
     r = run_study(str(spec), "--root", str(tmp_path / "root"), "--out", str(out), "--",
                   "data=synthetic", "data.n_train=320", "data.n_test=100", "trainer.max_epochs=1",
