@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,8 @@ def plot(pts: list[dict], cfg: dict[str, Any]) -> bytes:
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xlabel("capacity gap: teacher minus student-alone test accuracy (pp)")
     ax.set_ylabel("paired gain over the student alone (pp)")
-    ax.set_title(str(cfg.get("title") or "gain vs gap (mean over seeds, 95% t interval)"), fontsize=10)
+    title = str(cfg.get("title") or "gain vs gap")
+    ax.set_title(textwrap.fill(f"{title} (mean over seeds, 95% t interval)", 90), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
