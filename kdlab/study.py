@@ -337,7 +337,12 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
         written = gain_vs_gap.write(pts, cfg, out, plots=not a.no_plots)
         print("wrote " + ", ".join(str(w) for w in written))
         if pts:
-            figure = "\n![gain vs gap](gain_vs_gap.png)\n" if not a.no_plots else ""
+            # the figure as the page that includes results.md sees it: a docs page (mkdocs snippets resolve links
+            # from the docs root), else results.md's own directory; the README's is rewritten below
+            docs_root = ROOT / "docs"
+            fig = (out / "gain_vs_gap.png").resolve()
+            link = fig.relative_to(docs_root).as_posix() if fig.is_relative_to(docs_root) else "gain_vs_gap.png"
+            figure = f"\n![gain vs gap]({link})\n" if not a.no_plots else ""
             blocks.insert(0, ("gain_vs_gap", f"#### {cfg.get('title', 'Gain vs gap')}\n\n"
                                              f"{cfg.get('note', '')}\n\n{gain_vs_gap.markdown(pts, cfg)}{figure}"))
     md = "\n".join(b for _, b in blocks)
@@ -357,8 +362,8 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
         shown = study.get("readme_parts") or [p for p, _ in blocks]
         rest = [p for p, _ in blocks if p not in shown]
         docs = docs_dir(study).relative_to(ROOT).as_posix()
-        block = header + "\n".join(b.replace("](gain_vs_gap.png)", f"]({docs}/gain_vs_gap.png)")
-                                   for p, b in blocks if p in shown)
+        block = header + "\n".join(b.replace("](" + f"{docs}/gain_vs_gap.png".removeprefix("docs/") + ")",
+                                             f"]({docs}/gain_vs_gap.png)") for p, b in blocks if p in shown)
         if rest:
             block += (f"\nThe tables of the other parts ({', '.join(rest)}), with the same columns: "
                       f"[{docs}/results.md]({docs}/results.md).\n")

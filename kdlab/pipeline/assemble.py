@@ -91,8 +91,10 @@ def count_params(model: nn.Module) -> int:
 def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) -> dict[str, Any]:
     """Everything that determines a stage's weights; its hash is the store key."""
     cfg, dm = ctx.cfg, ctx.dm
-    with dm.stage_augment(spec.augment):  # a stage trained with its own augmentation: its own data fingerprint
-        data = dm.fingerprint()
+    data = dm.fingerprint()
+    if spec.augment is not None:  # a stage trained with its own augmentation: its own data fingerprint
+        with dm.stage_augment(spec.augment):
+            data = dm.fingerprint()
     trainer = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     # the precision the stage really trains at (auto differs per machine), so fp32 and bf16 weights never mix
     trainer["precision"] = str(resolve_precision(trainer.get("precision", "auto"), compute_device(ctx)))
