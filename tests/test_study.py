@@ -35,7 +35,7 @@ def test_dry_run_lists_kdlab_multiruns_with_seeds_and_overrides():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["nope"], "unknown study 'nope'; known: fashion_mnist"),
+    (["nope"], "unknown study 'nope'; known: capacity_gap, fashion_mnist"),
     (["--only", "plain", "--dry-run"], "--only names unknown part 'plain'; parts of study fashion_mnist: "),
     (["--seeds", "a,b", "--dry-run"], "--seeds must be comma-separated integers, got 'a,b'"),
 ])
