@@ -343,8 +343,8 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
             fig = (out / "gain_vs_gap.png").resolve()
             link = fig.relative_to(docs_root).as_posix() if fig.is_relative_to(docs_root) else "gain_vs_gap.png"
             figure = f"\n![gain vs gap]({link})\n" if not a.no_plots else ""
-            blocks.insert(0, ("gain_vs_gap", f"#### {cfg.get('title', 'Gain vs gap')}\n\n"
-                                             f"{cfg.get('note', '')}\n\n{gain_vs_gap.markdown(pts, cfg)}{figure}"))
+            text = f"#### {cfg.get('title', 'Gain vs gap')}\n\n{cfg.get('note', '')}\n\n"
+            blocks.insert(0, ("gain_vs_gap", text + gain_vs_gap.markdown(pts, cfg) + figure))
     md = "\n".join(b for _, b in blocks)
     seeds, extra, m = record["seeds"], record["overrides"], record["machine"]
     header = (f"Measured by `python -m kdlab.study {record['study']}"

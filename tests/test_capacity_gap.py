@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from kdlab import gain_vs_gap, study
 from kdlab.data import build_datamodule
@@ -27,9 +28,11 @@ def test_per_stage_augment_is_the_stages_own_and_changes_only_its_fingerprint():
     with dm.stage_augment("crop_flip") as d:
         assert d.augment == "crop_flip" and not d.deterministic_train
         flipped = d.fingerprint()
-        x, *_ = next(iter(d.train_dataloader()))
+        augmented, *_ = next(iter(d.train_dataloader()))
     assert flipped != plain
     assert dm.augment == "none" and dm.fingerprint() == plain and dm.deterministic_train  # restored after
+    unaugmented, *_ = next(iter(dm.train_dataloader()))  # the same images in the same order, not cropped
+    assert augmented.shape == unaugmented.shape and not torch.equal(augmented, unaugmented)
     with dm.stage_augment("crop_flip"):
         assert dm.fingerprint() == flipped  # the same augmentation: the same fingerprint (so store key)
     with dm.stage_augment(None):
