@@ -95,7 +95,7 @@ def row(exp: str, accs: dict[int, float], teacher: float | None = None) -> dict:
             "stages": {"teacher": {"mean": teacher, "std": 0.0}} if teacher is not None else {}}
 
 
-def test_gain_vs_gap_points_are_the_paired_gains_at_teacher_minus_alone():
+def test_gain_vs_gap_points_are_the_paired_gains_at_teacher_minus_alone(tmp_path):
     cfg = {"baseline": "alone", "teacher_stage": "teacher", "methods": ["kd", "dgkd"], "labels": {"kd": "KD"}}
     collected = {}
     for part, alone, gain in (("wide", [0.90, 0.91, 0.89], 0.01), ("thin", [0.80, 0.82, 0.81], 0.03)):
@@ -118,7 +118,7 @@ def test_gain_vs_gap_points_are_the_paired_gains_at_teacher_minus_alone():
     md = gain_vs_gap.markdown(pts, cfg)
     assert md.splitlines()[0].startswith("| student (part) | student alone % | teacher % | gap (pp) | KD: gain")
     assert "| thin | 81.00 | 93.00 | 12.00 | +3.10 [" in md
-    written = gain_vs_gap.write(pts, cfg, ROOT / "outputs" / "test_gain_vs_gap")
+    written = gain_vs_gap.write(pts, cfg, tmp_path)
     assert written[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(written[0].open()))
     assert [r["method"] for r in rows] == ["kd", "dgkd", "kd", "dgkd"] and float(rows[2]["gap"]) == pytest.approx(0.12)
