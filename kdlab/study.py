@@ -34,7 +34,6 @@ from kdlab.errors import ConfigError, KdlabError
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_DIR = ROOT / "conf" / "study"
 EXPERIMENT_DIR = ROOT / "conf" / "experiment"
-DOCS_OUT = ROOT / "docs" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
