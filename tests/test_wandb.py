@@ -55,7 +55,8 @@ def read_offline_run(run_dir: Path) -> dict:
         if kind == "run":
             r = rec.run
             out.update(run_id=r.run_id, project=r.project, group=r.run_group, job_type=r.job_type,
-                       name=r.display_name, tags=list(r.tags), start_time=r.start_time.ToSeconds())
+                       name=r.display_name, tags=list(r.tags), start_time=r.start_time.ToSeconds(),
+                       start_ns=r.start_time.ToNanoseconds())
             out["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
         elif kind == "config":
             out["config"].update({u.key: json.loads(u.value_json) for u in rec.config.update})
@@ -71,7 +72,10 @@ def read_offline_run(run_dir: Path) -> dict:
 
 
 def offline_runs(run_dir: Path) -> list[dict]:
-    return [read_offline_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    """The runs in the order they started. Not by directory name: that is ``offline-run-<second>-<random id>``,
+    so two stages that start within the same second would sort by their random ids."""
+    runs = [read_offline_run(d) for d in (run_dir / "wandb").glob("offline-run-*")]
+    return sorted(runs, key=lambda run: run["start_ns"])
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------
