@@ -144,6 +144,9 @@ def preflight(argv: list[str]) -> None:
 
 
 def main() -> None:
+    from kdlab import gc_policy
+
+    gc_policy.hold()  # the libraries are imported with the collector off (kdlab/gc_policy.py)
     from kdlab.logs import quiet_libraries
 
     quiet_libraries()
@@ -153,10 +156,12 @@ def main() -> None:
     with interrupt_handlers():  # SIGTERM / SIGINT anywhere: one line and 128 + signum, never a traceback
         try:
             register_configs()
-            preflight(sys.argv[1:])
+            preflight(sys.argv[1:])  # imports torch, Lightning and the pipeline
+            gc_policy.release()
             hydra_entry()
         except Interrupted as e:
             report_interrupt(e)
+    gc_policy.at_exit()
     sys.exit(STATE["exit"])
 
 

@@ -7,6 +7,7 @@ about a minute); its config template is rendered and parsed instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -186,6 +187,26 @@ def test_torchdistill_config_renders(bench):
     assert kd["key"] == "KDLoss" and kd["kwargs"]["temperature"] == 4.0 and kd["kwargs"]["alpha"] == 0.5
     assert cfg["train"]["train_data_loader"]["kwargs"]["batch_size"] == 128
     assert cfg["train"]["optimizer"]["kwargs"] == {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+
+
+@pytest.mark.slow
+def test_peer_benchmark_interleaves_rounds(bench):
+    """Figure d end to end at tiny size, with the classic loop as the peer (the tests install no torchdistill):
+    every side runs once per round, each from nothing, and the figure is kdlab's best round over the peer's."""
+    _, o = bench
+    import bench_peer
+
+    result = bench_peer.run(dataclasses.replace(o, repeats=2, peer_mode="classic"))
+    figs, d = _figures(result), result["details"]
+    assert {"d_peer_time", "d_peer_acc"} <= set(figs)
+    assert len(d["rounds"]) == 2 and d["peer"]["framework"].startswith("classic")
+    for label, k in d["kdlab"].items():
+        walls = [r[label]["wall_seconds"] for r in d["rounds"]]
+        peer_walls = [r["peer"]["wall_seconds"] for r in d["rounds"]]
+        assert k["wall_seconds"] == min(walls) and d["peer"]["wall_seconds"] == min(peer_walls)
+        suffix = "" if label == "default" else "_fp32"
+        assert figs[f"d_peer_time{suffix}"]["value"] == pytest.approx(min(walls) / min(peer_walls), abs=1e-3)
+        assert 0 <= k["test_acc"] <= 1 and k["teacher_test_acc"] == d["rounds"][0][label]["teacher_test_acc"]
 
 
 def test_views_benchmark(bench):
