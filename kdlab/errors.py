@@ -82,7 +82,9 @@ INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Shared by nested installs (``python -m kdlab`` around ``run_pipeline``): the signals received since the
 # outermost install. The first raises Interrupted; a second is ignored so that the clean-up it started
 # (checkpoints, loggers, results.json, the stage lock) finishes; a third exits at once.
-_INTERRUPTS: dict[str, Any] = {"depth": 0, "received": [], "forwarding": False}
+_INTERRUPTS: dict[str, Any] = {"depth": 0, "received": [], "forwarding": False, "redeliver": False,
+                                "unraisablehook": None}
+REDELIVER_SECONDS = 0.01
 
 
 def _on_signal(owner: int, signum: int, frame: Any) -> None:
@@ -94,6 +96,9 @@ def _on_signal(owner: int, signum: int, frame: Any) -> None:
         return
     if _INTERRUPTS["forwarding"]:
         return
+    if _INTERRUPTS["redeliver"]:  # the first one, swallowed by a finalizer (see _redeliver): not a new signal
+        _INTERRUPTS["redeliver"] = False
+        raise Interrupted(signum)
     received = _INTERRUPTS["received"]
     received.append(signum)
     if len(received) == 1:
@@ -113,6 +118,24 @@ def _on_signal(owner: int, signum: int, frame: Any) -> None:
         print(f"kdlab: interrupted again by {signal.Signals(signum).name}; exiting without clean-up",
               file=sys.stderr, flush=True)
         os._exit(128 + signum)
+
+
+def _redeliver(unraisable: Any) -> None:
+    """``sys.unraisablehook`` while the handlers are installed. A signal's handler runs in whatever Python code
+    the main thread is executing, which may be a finalizer: a ``__del__`` called by the garbage collector (e.g.
+    Lightning's ``Profiler.__del__`` when an earlier Trainer is collected) or a weakref callback. Python does
+    not let an exception out of a finalizer; it hands it to this hook and carries on, so the Interrupted would
+    be lost and the run would go on. Here it is delivered again, as the same signal sent to this process a
+    moment later (from a timer thread), when the finalizer has returned; every other exception goes to the
+    previous hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, Interrupted) and _INTERRUPTS["depth"] > 0:
+        _INTERRUPTS["redeliver"] = True
+        timer = threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), exc.signum))
+        timer.daemon = True
+        timer.start()
+        return
+    (_INTERRUPTS["unraisablehook"] or sys.__unraisablehook__)(unraisable)
 
 
 def _distributed_fit() -> Any:
@@ -137,7 +160,8 @@ def install_interrupt_handlers() -> dict[int, Any] | None:
         return None
     previous = {int(s): signal.getsignal(s) for s in INTERRUPT_SIGNALS}
     if _INTERRUPTS["depth"] == 0:
-        _INTERRUPTS["received"] = []
+        _INTERRUPTS.update(received=[], redeliver=False, unraisablehook=sys.unraisablehook)
+        sys.unraisablehook = _redeliver
     _INTERRUPTS["depth"] += 1
     owner = os.getpid()
 
@@ -156,6 +180,8 @@ def restore_interrupt_handlers(previous: dict[int, Any] | None) -> None:
     for s, h in previous.items():
         signal.signal(s, h if h is not None else signal.SIG_DFL)
     _INTERRUPTS["depth"] = max(0, _INTERRUPTS["depth"] - 1)
+    if _INTERRUPTS["depth"] == 0 and sys.unraisablehook is _redeliver:
+        sys.unraisablehook = _INTERRUPTS["unraisablehook"] or sys.__unraisablehook__
 
 
 @contextmanager

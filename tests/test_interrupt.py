@@ -175,8 +175,10 @@ def sentinel(signum, frame):  # a handler of the caller's, to be put back
 
 @pytest.fixture
 def caller_handlers():
-    """Installs the caller's own handlers; checks that they are the ones in place afterwards."""
+    """Installs the caller's own handlers; checks that they are the ones in place afterwards (and the caller's
+    ``sys.unraisablehook``, which kdlab replaces while its handlers are installed)."""
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    hook = sys.unraisablehook
     for s in before:
         signal.signal(s, sentinel)
     yield
@@ -184,6 +186,7 @@ def caller_handlers():
     for s, h in before.items():
         signal.signal(s, h)
     assert all(h is sentinel for h in now.values()), now
+    assert sys.unraisablehook is hook
 
 
 def test_run_pipeline_restores_the_handlers_after_a_real_stage(tmp_path, caller_handlers):
@@ -196,6 +199,7 @@ def test_run_pipeline_restores_the_handlers_after_a_real_stage(tmp_path, caller_
 
     def spy(*a, **kw):
         seen.update({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)})
+        seen["unraisablehook"] = sys.unraisablehook
         return real(*a, **kw)
 
     cfg = compose(tmp_path, "pipeline=single", "model=plain2")
@@ -207,6 +211,7 @@ def test_run_pipeline_restores_the_handlers_after_a_real_stage(tmp_path, caller_
         mp.undo()
     assert res["status"] == "completed"
     assert seen and all(h is not sentinel and callable(h) for h in seen.values())
+    assert seen["unraisablehook"].__name__ == "_redeliver"  # an Interrupted swallowed by a finalizer comes back
 
 
 def test_run_pipeline_restores_the_handlers_after_a_failure(tmp_path, monkeypatch, caller_handlers):
@@ -303,6 +308,38 @@ def test_a_second_signal_lets_the_cleanup_finish_and_a_third_exits_at_once():
             return 2
 
     assert _in_child(child) == 143
+
+
+def test_a_signal_inside_a_finalizer_still_stops_the_run():
+    """A signal whose handler runs inside a finalizer, where Python swallows every exception (a ``__del__`` run
+    by the garbage collector: Lightning's ``Profiler.__del__`` when an earlier Trainer is collected), still
+    stops the run once the finalizer has returned, and counts as one signal (a lost Ctrl-C let a run go on
+    to its end)."""
+    from kdlab.errors import _INTERRUPTS
+
+    state = {"finalizer_finished": False}
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, inside the finalizer
+            state["finalizer_finished"] = True
+
+    def child() -> int:
+        install_interrupt_handlers()
+        t0 = time.monotonic()
+        try:
+            obj = Finalized()
+            del obj
+            time.sleep(5)
+            return 1  # the signal was lost
+        except Interrupted as e:
+            if state["finalizer_finished"]:
+                return 2  # the handler did not run inside the finalizer: nothing was tested
+            if e.signum != signal.SIGINT or _INTERRUPTS["received"] != [signal.SIGINT]:
+                return 3
+            return 0 if time.monotonic() - t0 < 2 else 4
+
+    assert _in_child(child) == 0
 
 
 def test_sweep_summary_names_interrupted_jobs(tmp_path, capsys):
