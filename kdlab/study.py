@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdlab import compare
+from kdlab import compare, compare_runs, compare_tables
 from kdlab.errors import ConfigError, KdlabError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
 
     A data-free student's row (DAFL) is marked †: its best-on-val cell is the epoch picked on the real
     validation split (``test_acc_best_val``), its last-epoch cell, the number it reports, is bold."""
-    sources = [n for n in compare.all_stage_names(rows) if n not in {r["student_stage"] for r in rows}]
+    sources = [n for n in compare_runs.all_stage_names(rows) if n not in {r["student_stage"] for r in rows}]
     # a part with a quantized student shows every student's bit-widths and size in bytes at them
     quantized = any(r.get("student_bits") not in (None, "W32 A32") for r in rows)
     vs_base = {r["group"]: r for r in paired or [] if baseline and r["baseline"] == f"experiment={baseline}"}
@@ -136,17 +136,17 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     for r in rows:
         exp = str(r["fields"].get("experiment"))
         free = bool(r.get("data_free"))
-        best = compare.pct_pm(r.get("student_test_acc_best_val_mean", r["student_test_acc_mean"]),
+        best = compare_tables.pct_pm(r.get("student_test_acc_best_val_mean", r["student_test_acc_mean"]),
                               r.get("student_test_acc_best_val_std", r["student_test_acc_std"]))
-        last = compare.pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"])
+        last = compare_tables.pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"])
         cells = [exp + (" †" if free else ""), str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
                  best + (" †" if free else ""), f"**{last}**" if free else last,
-                 compare.pct(r["student_test_acc_range"]),
-                 *[compare.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
+                 compare_tables.pct(r["student_test_acc_range"]),
+                 *[compare_tables.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                    for s in sources],
-                 *([r.get("student_bits") or "-", compare.fmt_bytes(r.get("student_size_bytes"))] if quantized else []),
+                 *([r.get("student_bits") or "-", compare_tables.fmt_bytes(r.get("student_size_bytes"))] if quantized else []),
                  *([paired_cell(vs_base.get(r["group"]))] if vs_base else []),
-                 compare.fmt_seconds(r["wall_seconds_mean"]), f"`{commands.get(exp, '-')}`"]
+                 compare_tables.fmt_seconds(r["wall_seconds_mean"]), f"`{commands.get(exp, '-')}`"]
         lines.append("| " + " | ".join(cells) + " |")
     others = [r for r in paired or [] if not (baseline and r["baseline"] == f"experiment={baseline}")]
     if vs_base or others:
@@ -206,7 +206,7 @@ def part_pairs(rows: list[dict], by: list[str], meta: dict) -> list[dict]:
     present = {str(r["fields"].get(by[0])) for r in rows if r["n"]}
     base = meta.get("baseline")
     if base and str(base) not in present:
-        compare.warn(f"part {meta.get('title', '?')[:40]}: baseline {base} did not run; no paired columns")
+        compare_runs.warn(f"part {meta.get('title', '?')[:40]}: baseline {base} did not run; no paired columns")
         base = None
     pairs = [f"{a},{b}" for a, b in meta.get("pairs") or [] if str(a) in present and str(b) in present]
     if not base and not pairs:
@@ -226,11 +226,11 @@ def tables(study: dict, record: dict, out: Path, plots: bool,
             continue
         skipped: list = []
         try:
-            runs = compare.load_runs(dirs, skipped)
+            runs = compare_runs.load_runs(dirs, skipped)
         except ConfigError as e:
-            compare.warn(f"{part}: {e}")
+            compare_runs.warn(f"{part}: {e}")
             continue
-        rows = compare.aggregate(runs, by, int(study["last_k"]))
+        rows = compare_runs.aggregate(runs, by, int(study["last_k"]))
         order = [row_name(s.get("overrides", []), e) for s in study["sweeps"] if s["part"] == part
                  for e in s["experiments"]]
         rows.sort(key=lambda r: order.index(r["fields"].get("experiment"))
@@ -312,14 +312,14 @@ def run(a: argparse.Namespace) -> int:
         rc, secs = run_sweep(s["args"], Path(s["dir"]), Path(s["dir"] + ".log"))
         s.update(exit_code=rc, seconds=round(secs, 1))
         failed += rc != 0
-        print(f"[{i + 1}/{len(sweeps)}] {s['part']}: exit {rc} after {compare.fmt_seconds(secs)} "
-              f"(total {compare.fmt_seconds(time.perf_counter() - t0)})", flush=True)
+        print(f"[{i + 1}/{len(sweeps)}] {s['part']}: exit {rc} after {compare_tables.fmt_seconds(secs)} "
+              f"(total {compare_tables.fmt_seconds(time.perf_counter() - t0)})", flush=True)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     record["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     (root / "study.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     publish(study, record, out, a)
     print(f"study {a.name}: {len(sweeps) - failed}/{len(sweeps)} sweeps succeeded in "
-          f"{compare.fmt_seconds(record['seconds'])}")
+          f"{compare_tables.fmt_seconds(record['seconds'])}")
     return 1 if failed else 0
 
 
@@ -349,7 +349,7 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
     header = (f"Measured by `python -m kdlab.study {record['study']}"
               + (f" --seeds {','.join(map(str, seeds))}" if seeds != study["seeds"] else "")
               + (" -- " + " ".join(shlex.quote(x) for x in extra) if extra else "")
-              + f"` in {compare.fmt_seconds(record['seconds'])} on {m['cpu']} "
+              + f"` in {compare_tables.fmt_seconds(record['seconds'])} on {m['cpu']} "
               f"({m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}, 1-min load "
               f"{m['loadavg_start'][0]} at start), {record['started'][:10]}. Student test accuracy on each "
               "recipe's test split, mean ± sample std over the seeds; "

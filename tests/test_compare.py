@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlab import compare
+from kdlab import compare, compare_runs, compare_tables
 from kdlab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,10 +86,10 @@ def _row(rows, group):
 
 def test_aggregate_matches_hand_computed_statistics(sweep, capsys):
     skipped = []
-    runs = compare.load_runs([sweep], skipped)
+    runs = compare_runs.load_runs([sweep], skipped)
     assert len(runs) == 7 and len(skipped) == 1 and skipped[0][0].endswith(os.path.join("7", "results.json"))
     assert "skipping corrupted" in capsys.readouterr().err
-    rows = compare.aggregate(runs, ["method"], last_k=4)
+    rows = compare_runs.aggregate(runs, ["method"], last_k=4)
     assert [r["group"] for r in rows] == ["dgkd", "kd"]
     kd, dgkd = _row(rows, "kd"), _row(rows, "dgkd")
     assert (kd["n"], kd["n_failed"], dgkd["n"], dgkd["n_failed"]) == (3, 0, 3, 1)
@@ -125,40 +125,40 @@ def test_aggregate_matches_hand_computed_statistics(sweep, capsys):
 
 
 def test_fluctuation_and_stats_edge_cases():
-    assert compare.val_fluctuation([0.5, 0.6, 0.55], last_k=5) == pytest.approx((0.1 + 0.05) / 2)
-    assert compare.val_fluctuation([0.5], last_k=5) is None
-    assert compare.val_fluctuation([0.1, 0.9, 0.5, 0.6], last_k=2) == pytest.approx(0.1)
-    one = compare.stats([0.7])
+    assert compare_runs.val_fluctuation([0.5, 0.6, 0.55], last_k=5) == pytest.approx((0.1 + 0.05) / 2)
+    assert compare_runs.val_fluctuation([0.5], last_k=5) is None
+    assert compare_runs.val_fluctuation([0.1, 0.9, 0.5, 0.6], last_k=2) == pytest.approx(0.1)
+    one = compare_runs.stats([0.7])
     assert one["n"] == 1 and one["mean"] == 0.7 and one["std"] is None and one["range"] == 0
-    assert compare.pct_pm(0.7, None) == "70.00 ± -"
-    assert compare.pct_pm(0.84321, 0.00512) == "84.32 ± 0.51"
+    assert compare_tables.pct_pm(0.7, None) == "70.00 ± -"
+    assert compare_tables.pct_pm(0.84321, 0.00512) == "84.32 ± 0.51"
 
 
 def test_group_by_config_field_and_override(sweep):
-    runs = compare.load_runs([sweep])
-    rows = compare.aggregate(runs, ["distill.temperature"])
+    runs = compare_runs.load_runs([sweep])
+    rows = compare_runs.aggregate(runs, ["distill.temperature"])
     assert [r["fields"]["distill.temperature"] for r in rows] == [2, 4]
     t2, t4 = rows
     assert t2["n"] == 2 and t4["n"] == 4 and t4["n_failed"] == 1
     assert t2["student_test_acc_mean"] == pytest.approx((0.801 + 0.842) / 2)
     assert t4["student_test_acc_std"] == pytest.approx(statistics.stdev([0.812, 0.790, 0.851, 0.836]))
     # two fields; seed comes from the top level, experiment from an override-free top-level key
-    rows = compare.aggregate(runs, ["method", "seed"])
+    rows = compare_runs.aggregate(runs, ["method", "seed"])
     assert len(rows) == 7 and _row(rows, "method=kd, seed=1")["student_test_acc_std"] is None
     assert _row(rows, "method=dgkd, seed=3")["n"] == 0
     # an override key (not in config): "+experiment=x" -> experiment is top-level; use the override key
     runs[0]["overrides"].append("trainer.max_epochs=7")
-    assert compare.get_field(runs[0], "trainer.max_epochs") == 7
+    assert compare_runs.get_field(runs[0], "trainer.max_epochs") == 7
     with pytest.raises(ConfigError, match="unknown --by field 'nope'.*known: .*distill.temperature"):
-        compare.aggregate(runs, ["nope"])
+        compare_runs.aggregate(runs, ["nope"])
 
 
 def test_csv_log_fallback(tmp_path):
     log = tmp_path / "metrics.csv"
     log.write_text("epoch,step,train/loss,val/acc\n0,10,1.0,\n0,10,,0.5\n1,20,0.8,\n1,20,,0.6\n2,30,,0.7\n")
     stage = {"name": "student", "val_curve": None, "csv_log": "metrics.csv"}
-    assert compare.val_curve(stage, str(tmp_path)) == [0.5, 0.6, 0.7]
-    assert compare.val_curve({"val_curve": [0.1, 0.2]}) == [0.1, 0.2]
+    assert compare_runs.val_curve(stage, str(tmp_path)) == [0.5, 0.6, 0.7]
+    assert compare_runs.val_curve({"val_curve": [0.1, 0.2]}) == [0.1, 0.2]
 
 
 def test_outputs_csv_html_png(sweep, tmp_path, capsys):
@@ -324,15 +324,15 @@ def dafl_sweep(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 
 def test_generated_grids_of_data_free_runs(dafl_sweep):
     root, last = dafl_sweep
-    runs = {r["_dir"]: r for r in compare.load_runs([root])}
-    assert compare.generated_grids(runs[str((root / "3").resolve())]) == []  # KD: no data-free stage
-    g = compare.generated_grids(runs[str((root / "0").resolve())])
+    runs = {r["_dir"]: r for r in compare_runs.load_runs([root])}
+    assert compare_runs.generated_grids(runs[str((root / "3").resolve())]) == []  # KD: no data-free stage
+    g = compare_runs.generated_grids(runs[str((root / "0").resolve())])
     assert g == [{"stage": "student", "epochs": 11, "cached": False, "epoch": 10,
                   "path": str((root / "0" / "generated" / "student" / "epoch_010.png").resolve())}]
-    assert compare.generated_grids(runs[str((root / "2").resolve())]) == [
+    assert compare_runs.generated_grids(runs[str((root / "2").resolve())]) == [
         {"stage": "student", "epochs": 11, "cached": True, "epoch": None, "path": None}]
 
-    rows = compare.aggregate(list(runs.values()), ["method"])
+    rows = compare_runs.aggregate(list(runs.values()), ["method"])
     dafl, kd = _row(rows, "dafl"), _row(rows, "kd")
     assert dafl["data_free"] is True and kd["data_free"] is False
     # the reported number of a data-free student is its last epoch; best-on-val is labelled, not reported
