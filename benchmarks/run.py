@@ -1,6 +1,6 @@
 """``make bench``: every kdlab speed figure, measured in one run on this machine, as a table and JSON.
 
-    make bench                          # all benchmarks, ~10-15 min on a quiet 2-core CPU
+    make bench                          # all benchmarks, ~15-20 min on a 2-core CPU
     make bench ARGS=--quick             # tiny sizes: checks that every script works (the smoke test)
     make bench ARGS="--only stages,data"
     python benchmarks/run.py --memory-full   # (e) on the real 10-epoch `make run` (long)
@@ -33,7 +33,9 @@ WHAT = {"hotpath": "2. no wasted work (profile)", "data": "b. data path", "stage
         "dafl": "i. data-free step (DAFL)",
         "quant": "j. quantized students", "imagefolder": "k. on-disk ImageFolder loader", "peer": "d. peer (torchdistill)", "memory": "e. memory",
         "gpu": "5. GPU (only where there is one)"}
-DOCS = [HERE.parent / "README.md"]  # its Performance table is rewritten with --docs
+# rewritten with --docs: the README keeps the figures that have a target (a first-day page), the performance
+# page every figure
+DOCS = {HERE.parent / "README.md": True, HERE.parent / "docs" / "performance.md": False}  # path -> headline only
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -95,7 +97,8 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], headline: bool = False) -> str:
+    """The table; ``headline``: only the figures with a target (and any benchmark that failed to run)."""
     m = report["machine"]
     head = (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
             f"GPU: {m['cuda'] or 'none'}; 1-min load average {report['loadavg'][0]} at start, "
@@ -106,10 +109,25 @@ def markdown(report: dict[str, Any]) -> str:
         if res.get("error"):
             out.append(f"| {WHAT.get(name, name)} | failed | | | {res['error'].splitlines()[0]} |")
         for f in res.get("figures", []):
+            if headline and not f["target"]:
+                continue
             ok = "" if f["ok"] is None else ("yes" if f["ok"] else "**no**")
             unit = f" {f['unit']}" if f["unit"] and f["unit"] != "x" else ("x" if f["unit"] == "x" else "")
             out.append(f"| {f['label']} | {fmt(f['value'])}{unit} | {f['target'] or ''} | {ok} | {f['note']} |")
+    if headline:
+        n = sum(len(res.get("figures", [])) for res in report["benches"].values())
+        note = f"The figures with a target; all {n} figures of this run, and what each one measures, are in "
+        out += ["", note + "`docs/performance.md`."]
     return "\n".join(out) + "\n"
+
+
+def write_docs(report: dict[str, Any], docs: dict[Path, bool] | None = None) -> None:
+    """The table between the ``bench`` markers of each page in ``docs`` (default ``DOCS``): path -> headline only."""
+    for doc, headline in (DOCS if docs is None else docs).items():
+        text = doc.read_text() if doc.exists() else ""
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            doc.write_text(head + BEGIN + "\n" + markdown(report, headline) + END + rest.split(END, 1)[1])
 
 
 def main() -> None:
@@ -123,8 +141,8 @@ def main() -> None:
                     help="JSON report (default benchmarks/results/bench.json; bench-quick.json with --quick)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per benchmark")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    ap.add_argument("--docs", action="store_true", help="also put the table into README.md "
-                    f"(between its {BEGIN} / {END} lines)")
+    ap.add_argument("--docs", action="store_true", help="also put the table into docs/performance.md and the "
+                    f"figures with a target into README.md (between their {BEGIN} / {END} lines)")
     a = ap.parse_args()
     common.quiet()
     o = common.options_from(a)
@@ -157,11 +175,7 @@ def main() -> None:
     tmp.replace(out)
     out.with_suffix(".md").write_text(markdown(report))
     if a.docs:
-        for doc in DOCS:
-            text = doc.read_text() if doc.exists() else ""
-            if BEGIN in text and END in text:
-                head, rest = text.split(BEGIN, 1)
-                doc.write_text(head + BEGIN + "\n" + markdown(report) + END + rest.split(END, 1)[1])
+        write_docs(report)
     print(table(results))
     print(f"\n{report['seconds']:.0f} s; machine: {report['machine']['cpu']} ({report['machine']['cores']} cores), "
           f"load {report['loadavg'][0]} -> {report['loadavg'][1]}; JSON: {out}")

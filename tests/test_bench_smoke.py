@@ -158,6 +158,32 @@ def test_orchestrator_data_benchmark(bench, monkeypatch, tmp_path):
     assert "b. data path" in out.with_suffix(".md").read_text()
 
 
+def test_docs_get_the_headline_in_the_readme_and_every_figure_in_the_manual(bench, tmp_path):
+    """``make bench ARGS=--docs``: the README (a first-day page) gets the figures with a target, the performance
+    page every figure; the text around the markers stays."""
+    import run as bench_run
+
+    def fig(key, target):
+        return {"key": key, "label": f"figure {key}", "value": 1.5, "unit": "x", "target": target,
+                "ok": True if target else None, "note": f"note {key}"}
+
+    report = {"machine": {"cpu": "CPU", "cores": 2, "torch": "2", "torch_threads": 2, "cuda": None},
+              "loadavg": [0.1, 0.2], "command": "make bench ARGS='--docs'", "seconds": 9.0,
+              "benches": {"stages": {"figures": [fig("a", ">= 0.95"), fig("a_fit", "")]},
+                          "views": {"error": "RuntimeError: boom", "figures": []}}}
+    pages = {tmp_path / "README.md": True, tmp_path / "performance.md": False}
+    for page in pages:
+        page.write_text(f"before\n{bench_run.BEGIN}\nold table\n{bench_run.END}\nafter\n")
+    bench_run.write_docs(report, pages)
+    readme, manual = (p.read_text() for p in pages)
+    for text in (readme, manual):
+        assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
+        assert "| figure a | 1.5x | >= 0.95 | yes | note a |" in text
+        assert "failed | | | RuntimeError: boom" in text  # a benchmark that did not run is never hidden
+    assert "figure a_fit" not in readme and "all 2 figures of this run" in readme
+    assert "| figure a_fit | 1.5x |  |  | note a_fit |" in manual and "all 2 figures" not in manual
+
+
 def test_memory_poller_sees_a_child_process(bench):
     import bench_memory
 
