@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -38,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
 from kdlab import fileio
 from kdlab.errors import ConfigError, StoreError, warn
 from kdlab.fileio import load_weights, sha256_file
+from kdlab.view_cache import Layout, LogitCodec, ViewCache, read_view_cache, write_view_cache
 
 log = logging.getLogger(__name__)
 
@@ -62,123 +61,6 @@ def stage_key(spec: dict[str, Any]) -> str:
     """The store key of a stage: a hash of everything that determines its weights."""
     return hashlib.sha256(canonical_json({"store_schema": STORE_SCHEMA, **spec}).encode()).hexdigest()[:20]
 
-
-
-# -- view caches (distill.cache=views) -----------------------------------------------------------------
-VIEW_SCHEMA = 2  # 2: the logits codec (fp16 or top-k), per-array dtypes
-
-#: per-sample layout of a view cache: array name -> (shape of one (image, view) row, numpy dtype name)
-Layout = dict[str, tuple[tuple[int, ...], str]]
-
-
-def view_cache_bytes(n: int, views: int, layout: Layout) -> int:
-    """Bytes on disk of ``n`` images x ``views`` views of arrays with this per-row layout."""
-    per_view = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-                   for shape, dtype in layout.values())
-    return int(n) * int(views) * per_view
-
-
-class FullLogits:
-    """Every logit, fp16: ``logits`` (C,)."""
-
-    name = "fp16"
-
-    def __init__(self, num_classes: int):
-        self.num_classes = int(num_classes)
-
-    def identity(self) -> dict[str, Any]:
-        return {"codec": self.name}
-
-    def layout(self) -> Layout:
-        return {"logits": ((self.num_classes,), "float16")}
-
-    def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"logits": logits.half().cpu().numpy()}
-
-    def decode(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        return rows["logits"]
-
-
-class TopKLogits:
-    """The k largest logits of each view (fp16 values, int16 / int32 class indices) and one ``rest`` logit (fp16)
-    that every other class gets: ``z_rest = log(mean_{j not in top-k} exp(z_j))``.
-
-    Decoded, ``softmax(z_hat)`` keeps the top-k probabilities and the rest of the mass ``m = 1 - sum(top-k)``
-    exactly (at temperature 1, up to fp16 rounding) and spreads m uniformly over the C - k other classes (as FKD
-    does with its stored soft labels). Its error: the other classes' distribution is replaced by the uniform
-    one, so ``||p_hat - p||_1 <= 2 m`` and ``KL(p || p_hat) <= m log(C - k)``; at a temperature T > 1 the others'
-    tempered mass is over-estimated (Jensen: mean exp(z/T) <= exp(z_rest / T)). docs/store.md."""
-
-    name = "topk"
-
-    def __init__(self, num_classes: int, k: int):
-        self.num_classes, self.k = int(num_classes), int(k)
-        self.index_dtype = "int16" if self.num_classes <= np.iinfo(np.int16).max + 1 else "int32"
-
-    def identity(self) -> dict[str, Any]:
-        return {"codec": self.name, "k": self.k}
-
-    def layout(self) -> Layout:
-        return {"logits/topk_values": ((self.k,), "float16"), "logits/topk_indices": ((self.k,), self.index_dtype),
-                "logits/rest": ((), "float16")}
-
-    def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
-        z = logits.float()
-        values, indices = z.topk(self.k, dim=1)
-        others = z.scatter(1, indices, float("-inf"))  # the top k masked out
-        rest = torch.logsumexp(others, dim=1) - math.log(self.num_classes - self.k)
-        return {"logits/topk_values": values.half().cpu().numpy(),
-                "logits/topk_indices": indices.to(getattr(torch, self.index_dtype)).cpu().numpy(),
-                "logits/rest": rest.half().cpu().numpy()}
-
-    def decode(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        rest = rows["logits/rest"]
-        z = rest.view(-1, 1).expand(rest.shape[0], self.num_classes).clone()
-        return z.scatter_(1, rows["logits/topk_indices"].long(), rows["logits/topk_values"])
-
-
-LOGIT_CODECS = {"fp16": FullLogits, "topk": TopKLogits}
-
-
-def logit_codec(num_classes: int, topk: int | None) -> FullLogits | TopKLogits:
-    """The codec of ``distill.view_topk`` (None: every logit, fp16)."""
-    return FullLogits(num_classes) if topk is None else TopKLogits(num_classes, topk)
-
-
-def codec_from(identity: dict[str, Any], num_classes: int) -> FullLogits | TopKLogits:
-    cls = LOGIT_CODECS[identity["codec"]]
-    return cls(num_classes, **{k: v for k, v in identity.items() if k != "codec"})
-
-
-class ViewCache:
-    """A frozen source's outputs for every (training image, view), memory-mapped from disk (RAM holds only the
-    pages a lookup touches): arrays of shape (N, V, ...), the logits as its ``codec`` stores them (every logit
-    fp16, or the top k and the rest) and ``features/<tap>`` fp16.
-
-    ``lookup(idx, views)`` returns the rows of a batch: image ``idx[b]`` under view ``views[b]``
-    (:class:`kdlab.data.augment.ViewSpace` ids), logits decoded to (B, C) fp16."""
-
-    def __init__(self, n: int, views: int, arrays: dict[str, np.ndarray], codec: FullLogits | TopKLogits,
-                 temp_dir: Path | None = None):
-        self.n, self.views, self.arrays, self.codec = int(n), int(views), arrays, codec
-        self._temp_dir = temp_dir  # a private copy (a read-only store): removed by close()
-
-    @property
-    def taps(self) -> list[str]:
-        return [k.split("/", 1)[1] for k in self.arrays if k.startswith("features/")]
-
-    def lookup(self, idx: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        i = idx.detach().to("cpu", torch.int64).numpy()
-        v = views.detach().to("cpu", torch.int64).numpy()
-        rows = {k: torch.from_numpy(np.ascontiguousarray(a[i, v])) for k, a in self.arrays.items()}
-        feats = {k.split("/", 1)[1]: t for k, t in rows.items() if k.startswith("features/")}
-        return self.codec.decode(rows), feats
-
-    def close(self) -> None:
-        self.arrays = {}
-        if self._temp_dir is not None:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
-            self._temp_dir = None
 
 
 # -- the store -----------------------------------------------------------------------------------------
@@ -382,27 +264,9 @@ class StageStore:
         manifest = self.view_manifest(key, data_key)
         if not manifest.exists():
             return None
-        problem, arrays, n, views, codec = None, {}, 0, 0, None
-        try:
-            m = json.loads(manifest.read_text())
-            n, views = int(m["n"]), int(m["views"])
-            codec = codec_from(m.get("logits") or {"codec": "fp16"}, int(m["num_classes"]))
-            for name, entry in m["arrays"].items():
-                path = manifest.parent / entry["file"]
-                layout = {name: (tuple(int(d) for d in entry["shape"]), str(entry.get("dtype", "float16")))}
-                if path.stat().st_size != view_cache_bytes(n, views, layout):
-                    problem = f"{path.name} has the wrong size"
-                elif sha256_file(path) != entry["sha256"]:
-                    problem = f"{path.name} fails its checksum"
-                if problem:
-                    break
-                arrays[name] = np.memmap(path, dtype=layout[name][1], mode="r", shape=(n, views, *layout[name][0]))
-            if problem is None and set(codec.layout()) - set(arrays):
-                problem = f"the manifest lacks the {codec.name} logits"
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problem = f"unreadable ({type(e).__name__}: {e})"
-        if problem is None:
-            return ViewCache(n, views, arrays, codec)
+        cache, problem = read_view_cache(manifest)
+        if cache is not None:
+            return cache
         if self.writer:
             warn(f"view cache {manifest}: {problem}; recomputing it")
             self._drop_view_cache(key, data_key)
@@ -413,56 +277,27 @@ class StageStore:
         for f in self.cache_dir(key).glob(f"{data_key}.views.*.bin"):
             f.unlink(missing_ok=True)
 
-    def write_view_cache(self, key: str, data_key: str, n: int, views: int, codec: FullLogits | TopKLogits,
+    def write_view_cache(self, key: str, data_key: str, n: int, views: int, codec: LogitCodec,
                          features: Layout, fill: Any) -> ViewCache:
         """Allocate the arrays (n * views, *shape) on disk (the codec's logits, then the ``features`` layout),
         let ``fill(arrays)`` write them (in place, through memory maps), then checksum them, move them into
-        place and write the manifest last.
+        place and write the manifest last (:func:`kdlab.view_cache.write_view_cache`).
 
         A read-only store (a DDP rank other than 0 that found no stored cache) writes into a private temporary
         directory instead, removed when the cache is closed. A failed write (a full disk) leaves no manifest:
         a StoreError."""
-        temp_dir = None
         if self.writer:
             final_dir = self.cache_dir(key)
-            work = final_dir / f".{data_key}.views.tmp-{os.getpid()}"
+            work, temp_dir, manifest = final_dir / f".{data_key}.views.tmp-{os.getpid()}", None, \
+                self.view_manifest(key, data_key)
         else:
             final_dir = work = temp_dir = Path(tempfile.mkdtemp(prefix="kdlab-views-"))
-        layout = {**codec.layout(), **features}
-        names = list(layout)
-        files = {name: f"{data_key}.views.{i}.bin" for i, name in enumerate(names)}
+            manifest = None
         try:
-            work.mkdir(parents=True, exist_ok=True)
-            arrays = {name: np.memmap(work / files[name], dtype=layout[name][1], mode="w+",
-                                      shape=(n * views, *layout[name][0])) for name in names}
-            fill(arrays)
-            entries = {}
-            for name, a in arrays.items():
-                a.flush()
-                path = work / files[name]
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
-                entries[name] = {"file": files[name], "shape": list(layout[name][0]), "dtype": layout[name][1],
-                                 "sha256": sha256_file(path)}
-            del arrays
-            if work != final_dir:
-                for name in names:
-                    os.replace(work / files[name], final_dir / files[name])
-                shutil.rmtree(work, ignore_errors=True)
-            if self.writer:
-                fileio.atomic_write_json(self.view_manifest(key, data_key),
-                                         {"schema": VIEW_SCHEMA, "n": n, "views": views,
-                                          "num_classes": codec.num_classes, "logits": codec.identity(),
-                                          "arrays": entries})
-        except BaseException as e:
-            shutil.rmtree(work, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise StoreError(f"cannot write the view cache of stage {key} to {str(final_dir)!r}: "
-                                 f"{e.strerror or e}") from e
-            raise
-        return ViewCache(n, views, {name: np.memmap(final_dir / files[name], dtype=layout[name][1], mode="r",
-                                                    shape=(n, views, *layout[name][0])) for name in names},
-                         codec, temp_dir=temp_dir)
+            return write_view_cache(final_dir, work, manifest, data_key, n, views, codec, features, fill, temp_dir)
+        except OSError as e:
+            raise StoreError(f"cannot write the view cache of stage {key} to {str(final_dir)!r}: "
+                             f"{e.strerror or e}") from e
 
     def save_cache(self, key: str, data_key: str, payload: dict[str, Any]) -> None:
         if not self.writer:

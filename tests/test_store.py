@@ -329,3 +329,65 @@ def test_lock_waits_for_a_holder_then_is_free_after_an_exception(tmp_path, caplo
         raise RuntimeError("training failed")
     with StageStore(tmp_path, lock_timeout=0).lock("k"):  # released by the failure: free at once
         pass
+
+
+# -- view caches on disk (kdlab/view_cache.py: the format; the store: where, who writes, the errors) ----------
+def _fill_rows(arrays):
+    """Row r of every array holds r (the logits: r + class index / 10)."""
+    import numpy as np
+
+    for name, a in arrays.items():
+        rows = np.arange(a.shape[0], dtype=np.float32).reshape(-1, *([1] * (a.ndim - 1)))
+        a[:] = rows + (np.arange(a.shape[-1], dtype=np.float32) / 10 if name == "logits" else 0)
+
+
+def test_view_cache_round_trip_and_a_damaged_array_is_recomputed(tmp_path, capsys):
+    from kdlab.view_cache import FullLogits, ViewCache
+
+    store = StageStore(tmp_path)
+    written = store.write_view_cache("k", "dk", 3, 2, FullLogits(4), {"features/f": ((2,), "float16")}, _fill_rows)
+    assert isinstance(written, ViewCache) and not list((tmp_path / "k" / "cache").glob(".dk.views.tmp-*"))
+    read = store.load_view_cache("k", "dk")
+    logits, feats = read.lookup(torch.tensor([2, 0]), torch.tensor([1, 0]))  # row i * V + v
+    torch.testing.assert_close(logits.float(), torch.tensor([[5.0, 5.1, 5.2, 5.3], [0.0, 0.1, 0.2, 0.3]]), atol=5e-3, rtol=0)
+    assert feats["f"].tolist() == [[5.0, 5.0], [0.0, 0.0]] and read.taps == ["f"]
+    manifest = json.loads(store.view_manifest("k", "dk").read_text())
+    assert manifest["n"] == 3 and manifest["views"] == 2 and manifest["logits"] == {"codec": "fp16"}
+    first = tmp_path / "k" / "cache" / manifest["arrays"]["logits"]["file"]
+    first.write_bytes(first.read_bytes()[:-2] + b"\x00\x00")  # same size, other bytes
+    assert store.load_view_cache("k", "dk") is None
+    assert f"{first.name} fails its checksum; recomputing it" in capsys.readouterr().err
+    assert not store.has_view_cache("k", "dk") and not first.exists()  # the writer dropped the damaged cache
+
+
+def test_a_failed_view_cache_write_leaves_no_manifest_and_no_work_files(tmp_path):
+    import errno
+
+    from kdlab.view_cache import TopKLogits
+
+    def full_disk(arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = StageStore(tmp_path)
+    with pytest.raises(StoreError, match=r"cannot write the view cache of stage k to '.*cache': No space left"):
+        store.write_view_cache("k", "dk", 4, 3, TopKLogits(10, 2), {}, full_disk)
+    assert not store.has_view_cache("k", "dk") and list((tmp_path / "k" / "cache").iterdir()) == []
+
+    def interrupted(arrays):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # not an OSError: raised as it is, and still nothing left
+        store.write_view_cache("k", "dk", 4, 3, TopKLogits(10, 2), {}, interrupted)
+    assert list((tmp_path / "k" / "cache").iterdir()) == []
+
+
+def test_a_read_only_store_writes_its_view_cache_to_a_private_temporary_copy(tmp_path):
+    from kdlab.view_cache import FullLogits
+
+    reader = StageStore(tmp_path / "store", writer=False)
+    cache = reader.write_view_cache("k", "dk", 2, 2, FullLogits(3), {}, _fill_rows)
+    private = Path(cache.arrays["logits"].filename).parent
+    assert not (tmp_path / "store").exists() and private.is_dir()  # the shared store is untouched
+    assert reader.load_view_cache("k", "dk") is None  # no manifest anywhere
+    cache.close()
+    assert not private.exists()

@@ -37,7 +37,8 @@ from kdlab.pipeline.source_cache import (
     view_topk,
 )
 from kdlab.pipeline.spec import StageSpec
-from kdlab.store import StageRecord, stage_key, view_cache_bytes
+from kdlab.store import StageRecord, stage_key
+from kdlab.view_cache import view_cache_bytes
 
 # Trainer arguments that do not change what a stage learns (kept out of the store key).
 NON_SEMANTIC_TRAINER_KEYS = {
