@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.export import FLOAT_MAX_DIFF, QUANT_MIN_AGREEMENT, main, resolve
+from kdlab.export import main
+from kdlab.export_check import FLOAT_MAX_DIFF, QUANT_MIN_AGREEMENT
+from kdlab.export_target import resolve
 from kdlab.models.quant import QuantMixin, quantize_weight
 from tests.conftest import ROOT, kdlab_env, read_results, run_kdlab
 
@@ -168,7 +170,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_file(run, tmp_path, capsys):
 
 
 def test_failed_check_writes_nothing(run, tmp_path, capsys, monkeypatch):
-    import kdlab.export as ex
+    import kdlab.export_check as ex
 
     monkeypatch.setattr(ex, "FLOAT_MAX_DIFF", -1.0)  # no export can pass: the check must refuse to write
     path = tmp_path / "t.onnx"
