@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kdlab import gain_vs_gap, study
+from kdlab import gain_vs_gap, study_config, study_tables
 from kdlab.data import build_datamodule
 from kdlab.errors import ConfigError
 from kdlab.paired import paired_table
@@ -125,15 +125,15 @@ def test_gain_vs_gap_points_are_the_paired_gains_at_teacher_minus_alone(tmp_path
 
 
 def test_the_capacity_gap_study_config_loads_with_its_figure_and_own_readme_block():
-    cfg = study.load_study("capacity_gap")
+    cfg = study_config.load_study("capacity_gap")
     assert cfg["seeds"] == [0, 1, 2, 3, 4] and cfg["readme_marker"] == "capacity-gap"
-    assert study.docs_dir(cfg) == ROOT / "docs" / "results" / "capacity_gap"
+    assert study_config.docs_dir(cfg) == ROOT / "docs" / "results" / "capacity_gap"
     widths = [next(o for o in s["overrides"] if o.startswith("++gap.width=")) for s in cfg["sweeps"]]
     assert len(set(widths)) == 3
     methods = {e for s in cfg["sweeps"] for e in s["experiments"]}
     assert set(cfg["gain_vs_gap"]["methods"]) | {cfg["gain_vs_gap"]["baseline"]} == methods
     readme = (ROOT / "README.md").read_text()
-    assert all(m in readme for m in study.markers("capacity-gap"))
+    assert all(m in readme for m in study_tables.markers("capacity-gap"))
 
 
 def test_tiny_capacity_gap_study_end_to_end(tmp_path):

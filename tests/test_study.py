@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kdlab import study
+from kdlab import compare_runs, study_config, study_tables
 from kdlab.errors import ConfigError
 from tests.conftest import ROOT, kdlab_env
 
@@ -21,7 +21,7 @@ def test_dry_run_lists_kdlab_multiruns_with_seeds_and_overrides():
     r = run_study("fashion_mnist", "--dry-run", "--seeds", "0,5", "--", "trainer.max_epochs=1")
     assert r.returncode == 0, r.stderr
     cmds = [line for line in r.stdout.splitlines() if line.startswith("python -m kdlab ")]
-    cfg = study.load_study("fashion_mnist")
+    cfg = study_config.load_study("fashion_mnist")
     assert len(cmds) == len(cfg["sweeps"])
     for cmd, sw in zip(cmds, cfg["sweeps"]):
         assert cmd.startswith("python -m kdlab -m +experiment=" + ",".join(sw["experiments"]) + " seed=0,5")
@@ -49,30 +49,30 @@ def test_a_study_naming_an_unknown_experiment_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweeps:\n  - {part: x, experiments: [dgkd_fashion_mnit]}\n")
     with pytest.raises(ConfigError, match="unknown experiment 'dgkd_fashion_mnit'; known: .*dgkd_fashion_mnist"):
-        study.load_study(str(bad))
+        study_config.load_study(str(bad))
 
 
 def test_a_sweep_renaming_its_experiment_gets_its_command_and_place_in_the_table():
     """The library part runs one recipe under many experiment_name= overrides: each row is one of them."""
-    assert study.row_name(["distill=dkd", "experiment_name=lib_dkd"], "library_fashion_mnist") == "lib_dkd"
-    assert study.row_name(["distill=dkd"], "library_fashion_mnist") == "library_fashion_mnist"
-    spec = study.load_study("fashion_mnist")
+    assert study_config.row_name(["distill=dkd", "experiment_name=lib_dkd"], "library_fashion_mnist") == "lib_dkd"
+    assert study_config.row_name(["distill=dkd"], "library_fashion_mnist") == "library_fashion_mnist"
+    spec = study_config.load_study("fashion_mnist")
     library = [s for s in spec["sweeps"] if s["part"] == "library"]
-    names = [study.row_name(s.get("overrides", []), e) for s in library for e in s["experiments"]]
+    names = [study_config.row_name(s.get("overrides", []), e) for s in library for e in s["experiments"]]
     assert len(set(names)) == len(names) == 12  # alone, KD, ten library methods (KD+LS counted as one)
     dkd = next(s for s in library if "distill=dkd" in s.get("overrides", []))
-    args = study.sweep_args(spec, dkd, [0, 1, 2], [])
-    assert study.row_name(args, "library_fashion_mnist") == "lib_dkd_fashion_mnist"
+    args = study_config.sweep_args(spec, dkd, [0, 1, 2], [])
+    assert study_config.row_name(args, "library_fashion_mnist") == "lib_dkd_fashion_mnist"
 
 
 def test_readme_block_is_replaced_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{study.BEGIN}\nold table\n{study.END}\nafter\n")
-    study.update_readme("| new |\n", readme)
-    assert readme.read_text() == f"# x\n\nbefore\n{study.BEGIN}\n| new |\n{study.END}\nafter\n"
+    readme.write_text(f"# x\n\nbefore\n{study_tables.BEGIN}\nold table\n{study_tables.END}\nafter\n")
+    study_tables.update_readme("| new |\n", readme)
+    assert readme.read_text() == f"# x\n\nbefore\n{study_tables.BEGIN}\n| new |\n{study_tables.END}\nafter\n"
     readme.write_text("no markers\n")
     with pytest.raises(ConfigError, match="no <!-- results:begin -->"):
-        study.update_readme("| new |\n", readme)
+        study_tables.update_readme("| new |\n", readme)
 
 
 @pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
@@ -116,7 +116,7 @@ def test_small_study_end_to_end_with_a_failing_sweep(tmp_path):
 def test_dafl_part_shares_one_teacher_and_its_table_reports_the_last_epoch():
     """The dafl part: the with-data, noise and DAFL students of one pinned teacher, 3 seeds; in its table a
     data-free row's best-on-val cell is test_acc_best_val (marked †), the last epoch, which it reports, bold."""
-    cfg = study.load_study("fashion_mnist")
+    cfg = study_config.load_study("fashion_mnist")
     sweeps = [s for s in cfg["sweeps"] if s["part"] == "dafl"]
     assert [s["experiments"] for s in sweeps] == [["dafl_kd_fashion_mnist", "dafl_noise_fashion_mnist",
                                                   "dafl_fashion_mnist"]]
@@ -134,11 +134,11 @@ def test_dafl_part_shares_one_teacher_and_its_table_reports_the_last_epoch():
 
     runs = [run("dafl_kd_fashion_mnist", s, 0.84, 0.85, False) for s in (0, 1)]
     runs += [run("dafl_fashion_mnist", s, 0.60, 0.62, True) for s in (0, 1)]
-    md = study.part_markdown("DAFL", study.compare.aggregate(runs, ["experiment"]), {}, "a note")
+    md = study_tables.part_markdown("DAFL", compare_runs.aggregate(runs, ["experiment"]), {}, "a note")
     rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in md.splitlines()
                               if line.startswith("| dafl"))}
     assert rows["dafl_fashion_mnist †"][2:4] == ["62.00 ± 0.00 †", "**60.00 ± 0.00**"]
     assert rows["dafl_kd_fashion_mnist"][2:4] == ["85.00 ± 0.00", "84.00 ± 0.00"]
-    assert study.DATA_FREE_FOOTNOTE in md and "comparison.html" in md
+    assert study_tables.DATA_FREE_FOOTNOTE in md and "comparison.html" in md
     # a part without data-free rows has no footnote
-    assert "†" not in study.part_markdown("KD", study.compare.aggregate(runs[:2], ["experiment"]), {})
+    assert "†" not in study_tables.part_markdown("KD", compare_runs.aggregate(runs[:2], ["experiment"]), {})

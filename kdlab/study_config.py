@@ -1,0 +1,77 @@
+"""A results study's definition (``conf/study/<NAME>.yaml``, checked) and the commands it runs: each sweep a
+Hydra multirun of kdlab's own command over some experiments and seeds,
+
+    python -m kdlab -m +experiment=A,B seed=0,1,2 [the sweep's overrides] [the study's] [yours]
+
+and, for every row of its tables, the command that reproduces that row on its own."""
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from kdlab.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY_DIR = ROOT / "conf" / "study"
+EXPERIMENT_DIR = ROOT / "conf" / "experiment"
+
+
+def known_studies() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+
+
+def load_study(name: str) -> dict:
+    """The study's config, checked: every sweep names known experiments and a part."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else STUDY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown study {name!r}; known: {', '.join(known_studies()) or '(none)'}")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(cfg, dict) or not cfg.get("sweeps"):
+        raise ConfigError(f"study {path} has no 'sweeps' list")
+    known = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+    parts = cfg.setdefault("parts", {})
+    for i, sw in enumerate(cfg["sweeps"]):
+        if not isinstance(sw, dict) or not sw.get("experiments") or not sw.get("part"):
+            raise ConfigError(f"study {name}: sweep {i} needs 'part' and a non-empty 'experiments' list")
+        for e in sw["experiments"]:
+            if e not in known:
+                raise ConfigError(f"study {name}: unknown experiment {e!r}; known: {', '.join(known)}")
+        parts.setdefault(sw["part"], {"title": sw["part"]})
+    cfg.setdefault("seeds", [0, 1, 2])
+    cfg.setdefault("overrides", [])
+    cfg.setdefault("by", "experiment")
+    cfg.setdefault("last_k", 3)
+    cfg.setdefault("docs_dir", "docs/results")
+    cfg.setdefault("readme_marker", "results")
+    return cfg
+
+
+def docs_dir(study: dict) -> Path:
+    """Where ``--docs`` writes the study's tables: its ``docs_dir`` (default docs/results), under the repo."""
+    return ROOT / str(study["docs_dir"])
+
+
+def sweep_args(study: dict, sweep: dict, seeds: Sequence[int], extra: Sequence[str]) -> list[str]:
+    """kdlab's own multirun arguments for one sweep (without the output directory)."""
+    return ["-m", "+experiment=" + ",".join(sweep["experiments"]), "seed=" + ",".join(map(str, seeds)),
+            *sweep.get("overrides", []), *study["overrides"], *extra]
+
+
+def command_line(args: Sequence[str]) -> str:
+    return "python -m kdlab " + " ".join(shlex.quote(a) for a in args)
+
+
+def experiment_command(study: dict, sweep: dict, experiment: str, seeds: Sequence[int],
+                       extra: Sequence[str]) -> str:
+    """The command that reproduces one experiment's row on its own."""
+    one = {**sweep, "experiments": [experiment]}
+    return command_line(sweep_args(study, one, seeds, extra))
+
+
+def row_name(args: Sequence[str], experiment: str) -> str:
+    """An experiment's name in the tables: the ``experiment_name=`` a sweep's arguments set, else its own."""
+    names = [str(a).split("=", 1)[1] for a in args if str(a).startswith("experiment_name=")]
+    return names[-1] if names else experiment
