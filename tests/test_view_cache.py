@@ -16,7 +16,7 @@ from kdlab.distill.base import StrategyContext, build_strategy
 from kdlab.errors import ConfigError
 from kdlab.models import FeatureTaps, build_model
 from kdlab.modules import DistillModule, SourceBank
-from kdlab.pipeline import assemble, source_cache
+from kdlab.pipeline import assemble, source_cache, view_plan
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runner import run_pipeline
 from kdlab.pipeline.spec import build_stages
@@ -172,7 +172,7 @@ def test_bad_view_settings_fail_before_anything_trains(tmp_path, monkeypatch, dm
     with pytest.raises(ConfigError, match="known: auto, on, off, views"):
         run_pipeline(compose_dictconfig(*TINY, "distill.cache=view", f"paths.store_dir={store}"), tmp_path / "b")
     # a disk that cannot hold the views: one line with the size needed and the free space
-    monkeypatch.setattr(assemble.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
+    monkeypatch.setattr(view_plan.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
     with pytest.raises(ConfigError, match=r"needs 0\.\d+ GB for 2 source view cache\(s\).*0\.00 GB free") as err:
         run_pipeline(compose_dictconfig(*TINY, "distill.cache=views", f"paths.store_dir={store}"), tmp_path / "c")
     assert "\n" not in str(err.value)
@@ -189,7 +189,7 @@ def test_bad_view_settings_fail_before_anything_trains(tmp_path, monkeypatch, dm
         source_cache.require_view_space(folder)
     auto = context(folder, tmp_path / "s")
     auto.cfg["distill"]["cache"] = "auto"
-    assert assemble.plan_views([], auto) == frozenset()  # auto: those sources simply run live
+    assert view_plan.plan_views([], auto) == frozenset()  # auto: those sources simply run live
 
 
 # -- top-k storage (distill.view_topk) ----------------------------------------------------------------------------
@@ -269,11 +269,12 @@ def test_topk_view_caches_are_smaller_checked_and_another_cache_than_fp16(dm, tm
 
 
 def planned_keys(store, tmp_path, *extra):
-    """The run's view plan (check_stages) and every stage's store key under it, as the runner computes them."""
+    """The run's view plan and every stage's store key under it, as the runner computes them."""
     cfg = compose_config(*TINY, f"paths.store_dir={store}", *extra)
     ctx = run_context(cfg, tmp_path)
     specs = build_stages(cfg)
     assemble.check_stages(specs, ctx)
+    ctx.view_plan = view_plan.plan_views(specs, ctx)
     keys: dict[str, str] = {}
     for spec in specs:
         keys[spec.name] = stage_key(assemble.stage_description(spec, ctx, [keys[s] for s in spec.sources]))
@@ -316,12 +317,12 @@ def run_context(cfg: dict, tmp_path: Path) -> RunContext:
 
 def test_the_auto_rule_builds_views_when_they_cost_fewer_forwards_than_teaching_live():
     # n x views forwards to build, n x (epochs the source teaches) live: views iff views < epochs, or stored
-    assert assemble.views_pay(views=162, taught_epochs=240 * 4, stored=False)  # CIFAR teacher of a 3-TA chain
-    assert assemble.views_pay(views=162, taught_epochs=163, stored=False)
-    assert not assemble.views_pay(views=162, taught_epochs=162, stored=False)  # a tie: live (no disk, no build)
-    assert not assemble.views_pay(views=162, taught_epochs=30, stored=False)  # few epochs
-    assert assemble.views_pay(views=162, taught_epochs=1, stored=True)  # already computed: a lookup is free
-    assert assemble.VIEW_RULES["views"](162, 1, False) and not assemble.VIEW_RULES["off"](2, 1000, True)
+    assert view_plan.views_pay(views=162, taught_epochs=240 * 4, stored=False)  # CIFAR teacher of a 3-TA chain
+    assert view_plan.views_pay(views=162, taught_epochs=163, stored=False)
+    assert not view_plan.views_pay(views=162, taught_epochs=162, stored=False)  # a tie: live (no disk, no build)
+    assert not view_plan.views_pay(views=162, taught_epochs=30, stored=False)  # few epochs
+    assert view_plan.views_pay(views=162, taught_epochs=1, stored=True)  # already computed: a lookup is free
+    assert view_plan.VIEW_RULES["views"](162, 1, False) and not view_plan.VIEW_RULES["off"](2, 1000, True)
 
 
 def test_auto_picks_views_per_source_from_the_epochs_it_teaches(tmp_path, monkeypatch, capsys):
@@ -343,7 +344,7 @@ def test_auto_picks_views_per_source_from_the_epochs_it_teaches(tmp_path, monkey
     # unaugmented data: the per-image cache as before, never views; views drawn per sample: live, no error
     assert plan("trainer.max_epochs=60", "data.augment=none") == []
     # a disk that cannot hold them: one warning, the sources run live
-    monkeypatch.setattr(assemble.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
+    monkeypatch.setattr(view_plan.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
     assert plan("trainer.max_epochs=60") == []
     assert "distill.cache=auto: the view caches would need" in capsys.readouterr().err
 

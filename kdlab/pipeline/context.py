@@ -18,6 +18,6 @@ class RunContext:
     dataset: str
     group: str
     #: (source key, view data key) pairs that teach from a view cache (distill.cache=views / auto), set before
-    #: the first stage by kdlab.pipeline.assemble.plan_views
+    #: the first stage by kdlab.pipeline.view_plan.plan_views
     view_plan: frozenset[tuple[str, str]] = frozenset()
 

@@ -28,6 +28,7 @@ from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.lr_scaling import describe
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import import_checkpoint, import_pretrained, resume_point, train_stage
+from kdlab.pipeline.view_plan import plan_views
 from kdlab.ranks import RankSync
 from kdlab.store import StageRecord, StageStore, stage_key
 
@@ -139,6 +140,7 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
         ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
                          dataset=str(results["dataset"]), group=run_group(plain, run_dir))
         check_stages(specs, ctx)  # every config error surfaces before the first stage is trained
+        ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
         done: dict[str, tuple[StageSpec, StageRecord]] = {}
         for spec in specs:
             where = f"during stage {spec.name}"
