@@ -287,10 +287,10 @@ class StageStore:
         directory instead, removed when the cache is closed. A failed write (a full disk) leaves no manifest:
         a StoreError."""
         if self.writer:
-            final_dir = self.cache_dir(key)
-            work, temp_dir, manifest = final_dir / f".{data_key}.views.tmp-{os.getpid()}", None, \
-                self.view_manifest(key, data_key)
-        else:
+            final_dir, temp_dir = self.cache_dir(key), None
+            work = final_dir / f".{data_key}.views.tmp-{os.getpid()}"
+            manifest = self.view_manifest(key, data_key)
+        else:  # no manifest: the copy is this process's alone
             final_dir = work = temp_dir = Path(tempfile.mkdtemp(prefix="kdlab-views-"))
             manifest = None
         try:
