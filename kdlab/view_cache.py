@@ -147,7 +147,7 @@ class ViewCache:
 def read_view_cache(manifest: Path) -> tuple[ViewCache | None, str | None]:
     """The view cache of ``manifest``, memory-mapped read-only, with every array checked against its size and
     sha256 in the manifest: ``(cache, None)``, or ``(None, what is wrong)``."""
-    problem, arrays = None, {}
+    arrays = {}
     try:
         m = json.loads(manifest.read_text())
         n, views = int(m["n"]), int(m["views"])
@@ -156,11 +156,9 @@ def read_view_cache(manifest: Path) -> tuple[ViewCache | None, str | None]:
             path = manifest.parent / entry["file"]
             layout = {name: (tuple(int(d) for d in entry["shape"]), str(entry.get("dtype", "float16")))}
             if path.stat().st_size != view_cache_bytes(n, views, layout):
-                problem = f"{path.name} has the wrong size"
-            elif sha256_file(path) != entry["sha256"]:
-                problem = f"{path.name} fails its checksum"
-            if problem:
-                return None, problem
+                return None, f"{path.name} has the wrong size"
+            if sha256_file(path) != entry["sha256"]:
+                return None, f"{path.name} fails its checksum"
             arrays[name] = np.memmap(path, dtype=layout[name][1], mode="r", shape=(n, views, *layout[name][0]))
         if set(codec.layout()) - set(arrays):
             return None, f"the manifest lacks the {codec.name} logits"
