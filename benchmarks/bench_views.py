@@ -114,7 +114,7 @@ def store_bytes(store: Path) -> int:
 
 def run(o: Options) -> dict[str, Any]:
     from kdlab.data.augment import ViewSpace
-    from kdlab.view_cache import TopKLogits, view_cache_bytes
+    from kdlab.store.view_cache import TopKLogits, view_cache_bytes
 
     size = SIZES["quick" if o.quick else "default"]
     root = o.workdir / ("views-quick" if o.quick else "views")

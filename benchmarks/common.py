@@ -152,7 +152,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from kdlab.hydra_app import CONF_DIR, register_configs
+    from kdlab.cli.hydra_app import CONF_DIR, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from kdlab.cli.report import report_error
 from kdlab.errors import KdlabError, unknown_name
 
 # name -> (num_classes, in_channels, image size)
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                              where="--quant") if args.quant is not None or args.act_bits is not None else None
         rows = zoo_rows(args.dataset, on_the_fly, args.n, args.mode, models, quant)
     except KdlabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report_error("kdlab.zoo", e)
     if args.json:
         import json
 

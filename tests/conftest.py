@@ -71,7 +71,7 @@ def compose_dictconfig(*overrides: str, return_hydra_config: bool = False) -> An
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from kdlab.hydra_app import CONF_DIR, register_configs
+    from kdlab.cli.hydra_app import CONF_DIR, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -252,7 +252,7 @@ def cli_argv(case: Case, assets: Path, out: Path) -> list[str]:
 FORK_HELPER = r"""
 import json, os, runpy, sys, traceback
 os.chdir(sys.argv[1])
-import kdlab.__main__, kdlab.compare, kdlab.pipeline.runner  # noqa: F401,E401  (the start-up cost, paid once)
+import kdlab.cli.main, kdlab.compare.cli, kdlab.pipeline.runner  # noqa: F401,E401  (the start-up cost, paid once)
 jobs, parallel = json.loads(sys.stdin.read()), int(sys.argv[2])
 
 def start(job):

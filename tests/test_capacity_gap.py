@@ -1,5 +1,5 @@
 """The capacity-gap study: a stage trained with its own augmentation (pipeline.per_stage.<stage>.augment), the
-gain-vs-gap table and figure (kdlab/gain_vs_gap.py), the study config, and a tiny synthetic study end to end."""
+gain-vs-gap table and figure (kdlab/compare/gain_vs_gap.py), the study config, and a tiny synthetic study end to end."""
 from __future__ import annotations
 
 import csv
@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
-from kdlab import gain_vs_gap, study_config, study_tables
+from kdlab.compare import gain_vs_gap
+from kdlab.compare.paired import paired_table
 from kdlab.data import build_datamodule
 from kdlab.errors import ConfigError
-from kdlab.paired import paired_table
 from kdlab.pipeline import build_stages
+from kdlab.study import config as study_config
+from kdlab.study import tables as study_tables
 from tests.conftest import ROOT, read_results, run_kdlab
 from tests.test_study import run_study
 

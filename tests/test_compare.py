@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kdlab import compare, compare_runs, compare_tables
+from kdlab.compare import cli as compare
+from kdlab.compare import runs as compare_runs
+from kdlab.compare import tables as compare_tables
 from kdlab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 Lightning's DDP launcher re-runs ``python -m kdlab`` (same overrides, same Hydra run dir) for rank 1.
 Every rank walks the same stages and trains the same ones together; rank 0 alone looks the store up
-(under its lock), commits the stages, writes results.json and logs to W&B (kdlab/store.py RankSync).
+(under its lock), commits the stages, writes results.json and logs to W&B (kdlab/store/stage_store.py RankSync).
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_readme_is_a_first_day_page():
     assert len(text.splitlines()) < 300, "README.md grew past a first-day page: move the detail into docs/"
     for command in ("make install", "make run", "make test"):
         assert command in text
-    # the generated blocks that kdlab/study.py and benchmarks/run.py rewrite in place, each once and in order
+    # the generated blocks that kdlab/study/cli.py and benchmarks/run.py rewrite in place, each once and in order
     for begin, end in (("<!-- results:begin -->", "<!-- results:end -->"),
                        ("<!-- bench:begin -->", "<!-- bench:end -->")):
         assert text.count(begin) == 1 and text.count(end) == 1, (begin, end)

@@ -1,5 +1,5 @@
 """The pinned environment: requirements.lock is what `make install` installs, and every results.json
-records the versions and hardware that produced it (kdlab/environment.py)."""
+records the versions and hardware that produced it (kdlab/pipeline/environment.py)."""
 from __future__ import annotations
 
 import re
@@ -10,7 +10,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from kdlab.environment import describe_environment
+from kdlab.pipeline.environment import describe_environment
 from tests.conftest import ROOT, read_results, run_kdlab
 
 LOCK = ROOT / "requirements.lock"

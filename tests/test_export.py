@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.export import main
-from kdlab.export_check import FLOAT_MAX_DIFF, QUANT_MIN_AGREEMENT
-from kdlab.export_target import resolve
+from kdlab.export.check import FLOAT_MAX_DIFF, QUANT_MIN_AGREEMENT
+from kdlab.export.cli import main
+from kdlab.export.target import resolve
 from kdlab.models.quant import QuantMixin, quantize_weight
 from tests.conftest import ROOT, kdlab_env, read_results, run_kdlab
 
@@ -162,7 +162,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_file(run, tmp_path, capsys):
         assert main([*argv, "--out", str(out_dir / "m.bin")]) == 2, argv
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        assert len(lines) == 1 and lines[0].startswith("kdlab.export: error: "), captured.err
         assert all(w in lines[0] for w in words), (lines[0], words)
         assert captured.out == ""
         assert list(out_dir.iterdir()) == []  # nothing written, no temporary file left
@@ -170,7 +170,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_file(run, tmp_path, capsys):
 
 
 def test_failed_check_writes_nothing(run, tmp_path, capsys, monkeypatch):
-    import kdlab.export_check as ex
+    import kdlab.export.check as ex
 
     monkeypatch.setattr(ex, "FLOAT_MAX_DIFF", -1.0)  # no export can pass: the check must refuse to write
     path = tmp_path / "t.onnx"
@@ -184,4 +184,4 @@ def test_module_entry_point_bad_format():
     proc = subprocess.run([sys.executable, "-m", "kdlab.export", "some/run", "--format", "coreml"], cwd=ROOT,
                           env=kdlab_env(), capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown --format 'coreml'; known: onnx, torchscript, state_dict"
+    assert proc.stderr.strip() == "kdlab.export: error: unknown --format 'coreml'; known: onnx, torchscript, state_dict"

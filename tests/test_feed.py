@@ -21,13 +21,13 @@ from kdlab.distill import SourceOutput, StudentOutput, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.distill.feed import FEED, Translator
 from kdlab.errors import ConfigError
-from kdlab.fileio import load_weights
 from kdlab.models import FeatureTaps, build_model, count_params, feature_shapes, list_models
 from kdlab.modules import DistillModule, SourceBank
 from kdlab.pipeline import build_stages
 from kdlab.pipeline.checks import validate_config
 from kdlab.pipeline.spec import member_seed
 from kdlab.pipeline.train import _state_from_lightning
+from kdlab.store.fileio import load_weights
 from tests.conftest import compose_config as composed
 from tests.conftest import read_results, run_kdlab, stage_keys, trained, wiring
 

@@ -1,4 +1,4 @@
-"""The garbage-collector policy of ``python -m kdlab`` (kdlab/gc_policy.py): imports with the collector off,
+"""The garbage-collector policy of ``python -m kdlab`` (kdlab/cli/gc_policy.py): imports with the collector off,
 the run with it on and the libraries frozen, the exit collections skipping everything."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-import kdlab.__main__ as cli
-import kdlab.hydra_app
-from kdlab import gc_policy
+import kdlab.cli.hydra_app
+import kdlab.cli.main as cli
+from kdlab.cli import gc_policy
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_cli_runs_the_pipeline_with_the_collector_on(restore_gc, monkeypatch, tm
         real_preflight(argv)
 
     gc.unfreeze()
-    monkeypatch.setattr(kdlab.hydra_app, "hydra_entry", fake_entry)
+    monkeypatch.setattr(kdlab.cli.hydra_app, "hydra_entry", fake_entry)
     monkeypatch.setattr(cli, "preflight", preflight)
     monkeypatch.setattr(sys, "argv", ["kdlab", "preset=none", "data=synthetic", f"paths.output_dir={tmp_path}"])
     with pytest.raises(SystemExit) as e:

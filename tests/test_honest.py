@@ -16,12 +16,12 @@ from kdlab.distill import SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.distill.stochastic import stochastic_config
 from kdlab.errors import ConfigError
-from kdlab.fileio import load_weights
 from kdlab.models import build_model
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.pipeline import build_stages
 from kdlab.pipeline.assemble import build_stage_model
 from kdlab.pipeline.checks import validate_config
+from kdlab.store.fileio import load_weights
 from tests.conftest import compose_config as composed
 from tests.conftest import read_results, run_kdlab, stage_keys, trained
 

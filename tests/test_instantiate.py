@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from pytorch_lightning.callbacks import Callback, RichProgressBar
 
-from kdlab.callbacks import EpochLines, build_callbacks, progress_display
-from kdlab.loggers import StageWandbLogger, build_loggers, logger_entries
+from kdlab.pipeline.callbacks import EpochLines, build_callbacks, progress_display
+from kdlab.pipeline.loggers import StageWandbLogger, build_loggers, logger_entries
 from tests.conftest import compose_config, compose_dictconfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -155,7 +155,7 @@ def compose(tmp_path: Path, *overrides: str) -> dict:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from kdlab.hydra_app import CONF_DIR, register_configs
+    from kdlab.cli.hydra_app import CONF_DIR, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -343,7 +343,7 @@ def test_a_signal_inside_a_finalizer_still_stops_the_run():
 
 
 def test_sweep_summary_names_interrupted_jobs(tmp_path, capsys):
-    from kdlab.hydra_app import SweepStatus
+    from kdlab.cli.hydra_app import SweepStatus
 
     for name, status, error in (("0", "completed", None), ("1", "failed", "boom"),
                                 ("2", "interrupted", "interrupted by SIGTERM during stage ta1")):

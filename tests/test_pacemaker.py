@@ -21,10 +21,10 @@ from torch import nn
 from kdlab.distill import STRATEGIES, SourceOutput, StudentOutput, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.errors import ConfigError
-from kdlab.fileio import load_weights
 from kdlab.models import build_model, count_params, feature_shapes
 from kdlab.pipeline import build_stages
 from kdlab.pipeline.checks import validate_config
+from kdlab.store.fileio import load_weights
 from tests.conftest import ROOT, kdlab_env, read_results, run_kdlab, stage_keys, trained, wiring
 from tests.conftest import compose_config as composed  # the resolved config of `python -m kdlab <overrides>`
 

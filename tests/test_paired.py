@@ -1,4 +1,4 @@
-"""Paired statistics (kdlab/paired.py, ``python -m kdlab.compare --baseline / --pairs``) against hand values."""
+"""Paired statistics (kdlab/compare/paired.py, ``python -m kdlab.compare --baseline / --pairs``) against hand values."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from kdlab.compare.paired import compare_groups, paired_table, parse_baseline, t_interval
 from kdlab.errors import ConfigError
-from kdlab.paired import compare_groups, paired_table, parse_baseline, t_interval
 from tests.conftest import ROOT, kdlab_env
 
 

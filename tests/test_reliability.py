@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from kdlab.errors import StoreError, TrainingError
-from kdlab.fileio import load_weights
 from kdlab.store import StageStore
+from kdlab.store.fileio import load_weights
 from tests.conftest import ROOT, kdlab_env, read_results, run_kdlab, trained
 
 TINY = ["preset=none", "data=synthetic", "data.n_train=256", "data.n_test=64", "data.batch_size=64",
@@ -81,7 +81,7 @@ class EvilOpen:
 
 # -- 1. crash and resume: write ordering ---------------------------------------------------------------
 def test_commit_writes_tmp_fsync_rename_and_marker_last(tmp_path, monkeypatch):
-    import kdlab.store as st
+    import kdlab.store.stage_store as st
 
     events: list[tuple[str, str]] = []
     real_replace, real_fsync = os.replace, os.fsync
@@ -110,7 +110,7 @@ def test_commit_writes_tmp_fsync_rename_and_marker_last(tmp_path, monkeypatch):
 
 DIE_AT = r"""
 import os, signal, sys, torch
-import kdlab.store as st
+import kdlab.store.stage_store as st
 victim, real = sys.argv[2], os.replace
 def replace(src, dst):
     if os.path.basename(dst) == victim:  # the file is written and fsynced, not yet renamed
@@ -149,7 +149,7 @@ def test_checkpoints_left_by_a_kill_after_the_marker_are_cleaned_up(tmp_path):
 @pytest.mark.parametrize("failing", ["model.pt", "meta.json", "DONE"])
 def test_write_error_during_commit_is_clear_and_leaves_no_done(tmp_path, monkeypatch, failing):
     """A full disk (ENOSPC, mocked) at any file of a commit: a StoreError naming the stage, no marker."""
-    import kdlab.fileio as st  # the store writes every file through kdlab.fileio
+    import kdlab.store.fileio as st  # the store writes every file through kdlab.store.fileio
 
     real = st.atomic_write_bytes
 

@@ -1,4 +1,4 @@
-"""kdlab/store.py, the content-addressed stage store, tested directly (in-process, a few seconds).
+"""kdlab/store/stage_store.py, the content-addressed stage store, tested directly (in-process, a few seconds).
 
 The key of a stage (stable, order-free, sensitive to every nested value), atomic JSON writes, commit and
 lookup, quarantine of a damaged stage, the read-only store of DDP's other ranks, the source-output cache and
@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kdlab.store as st
+import kdlab.store.stage_store as st
 from kdlab.errors import ConfigError, StoreError
-from kdlab.fileio import atomic_write_json, load_weights, sha256_file
 from kdlab.store import StageStore, canonical_json, stage_key
+from kdlab.store.fileio import atomic_write_json, load_weights, sha256_file
 
 SPEC = {"name": "student", "model": {"arch": "plain2", "kwargs": {}}, "sources": ["abc"],
         "distill": {"strategy": "kd", "temperature": 4.0}}
@@ -331,7 +331,7 @@ def test_lock_waits_for_a_holder_then_is_free_after_an_exception(tmp_path, caplo
         pass
 
 
-# -- view caches on disk (kdlab/view_cache.py: the format; the store: where, who writes, the errors) ----------
+# -- view caches on disk (kdlab/store/view_cache.py: the format; the store: where, who writes, the errors) ----------
 def _fill_rows(arrays):
     """Row r of every array holds r (the logits: r + class index / 10)."""
     import numpy as np
@@ -342,7 +342,7 @@ def _fill_rows(arrays):
 
 
 def test_view_cache_round_trip_and_a_damaged_array_is_recomputed(tmp_path, capsys):
-    from kdlab.view_cache import FullLogits, ViewCache
+    from kdlab.store.view_cache import FullLogits, ViewCache
 
     store = StageStore(tmp_path)
     written = store.write_view_cache("k", "dk", 3, 2, FullLogits(4), {"features/f": ((2,), "float16")}, _fill_rows)
@@ -363,7 +363,7 @@ def test_view_cache_round_trip_and_a_damaged_array_is_recomputed(tmp_path, capsy
 def test_a_failed_view_cache_write_leaves_no_manifest_and_no_work_files(tmp_path):
     import errno
 
-    from kdlab.view_cache import TopKLogits
+    from kdlab.store.view_cache import TopKLogits
 
     def full_disk(arrays):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -382,7 +382,7 @@ def test_a_failed_view_cache_write_leaves_no_manifest_and_no_work_files(tmp_path
 
 
 def test_a_read_only_store_writes_its_view_cache_to_a_private_temporary_copy(tmp_path):
-    from kdlab.view_cache import FullLogits
+    from kdlab.store.view_cache import FullLogits
 
     reader = StageStore(tmp_path / "store", writer=False)
     cache = reader.write_view_cache("k", "dk", 2, 2, FullLogits(3), {}, _fill_rows)

@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from kdlab import compare_runs, study_config, study_tables
+from kdlab.compare import runs as compare_runs
 from kdlab.errors import ConfigError
+from kdlab.study import config as study_config
+from kdlab.study import tables as study_tables
 from tests.conftest import ROOT, kdlab_env
 
 

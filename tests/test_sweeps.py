@@ -171,7 +171,7 @@ def test_compare_reports_the_failed_jobs(failing_sweep):
 
 def test_sweep_status_counts_only_this_sweeps_jobs(tmp_path):
     """A reused sweep dir: jobs older than this sweep are not counted; a job dir without results.json is."""
-    from kdlab.hydra_app import SweepStatus
+    from kdlab.cli.hydra_app import SweepStatus
 
     def job(name: str, status: str | None, mtime: float | None = None) -> None:
         d = tmp_path / name

@@ -207,7 +207,7 @@ def topk_reference(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def test_topk_logits_keep_the_top_k_probabilities_and_spread_the_rest_of_the_mass():
-    from kdlab.view_cache import TopKLogits
+    from kdlab.store.view_cache import TopKLogits
 
     torch.manual_seed(0)
     c, k = 100, 10

@@ -155,7 +155,7 @@ def test_a_failed_stage_ends_its_wandb_run_as_failed(tmp_path):
     ("online", {}, "online"),
 ])
 def test_wandb_mode(monkeypatch, requested, env, expected):
-    from kdlab.loggers import wandb_mode
+    from kdlab.pipeline.loggers import wandb_mode
 
     for key in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(key, raising=False)

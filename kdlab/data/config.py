@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from kdlab import config_tree
 from kdlab.data.augment import check_augment
 from kdlab.errors import ConfigError
 
 #: the CLI's config tree (the one ``python -m kdlab`` composes)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_tree.CONF_DIR
 #: keys of conf/data/*.yaml that belong to the run, not to the data set
 RUN_KEYS = frozenset({"batch_size"})
 

@@ -288,7 +288,7 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a local file: .safetensors (safetensors) or a torch file (weights_only=True); a
     Lightning checkpoint's ``state_dict`` (prefix ``model.``) and ``{"state_dict"|"model": ...}`` wrappers too."""
-    from kdlab.fileio import load_weights
+    from kdlab.store.fileio import load_weights
 
     if not path.is_file():
         raise ConfigError(f"model.pretrained {str(path)!r} does not exist or is not a file")
@@ -343,7 +343,7 @@ def pretrained_state(arch: str, pretrained: Any, in_channels: int) -> tuple[dict
                               f"{arch!r} is a kdlab zoo model: give a weights file instead")
         state, sha = _library_weights(arch, in_channels)
         return state, sha, f"{split_arch(arch)[0]} weights"  # type: ignore[index]
-    from kdlab.fileio import sha256_file
+    from kdlab.store.fileio import sha256_file
 
     path = Path(str(pretrained)).expanduser()
     state = read_weights_file(path)
@@ -354,7 +354,7 @@ def pretrained_sha256(arch: str, pretrained: Any, in_channels: int) -> str:
     """The hash a pretrained stage's store key holds (:func:`pretrained_state`), without keeping the weights."""
     if pretrained is True:
         return _library_weights(arch, in_channels)[1]
-    from kdlab.fileio import sha256_file
+    from kdlab.store.fileio import sha256_file
 
     path = Path(str(pretrained)).expanduser()
     if not path.is_file():

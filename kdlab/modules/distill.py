@@ -30,7 +30,7 @@ class SourceBank:
 
     ``cache[name]`` holds ``{"logits": (N, K) fp16, "features": {tap: (N, ...) fp16}}`` for the training
     split in data-set order, looked up by the batch's sample indices. ``views[name]`` (a
-    :class:`kdlab.view_cache.ViewCache`) holds the outputs for every (sample, view) of the augmented training split,
+    :class:`kdlab.store.view_cache.ViewCache`) holds the outputs for every (sample, view) of the augmented training split,
     looked up by the batch's sample indices and view ids; it stays memory-mapped on the CPU.
     """
 

@@ -11,22 +11,22 @@ from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from kdlab.callbacks import build_callbacks, has_progress_bar
 from kdlab.distill import STRATEGIES, SourceSelector, build_strategy
 from kdlab.distill.base import StrategyContext
 from kdlab.errors import ConfigError
-from kdlab.fileio import sha256_file
-from kdlab.loggers import logger_entries
 from kdlab.models import build_model, feature_shapes
 from kdlab.models.library import attach_preprocess, is_library_arch, pretrained_sha256
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.modules.datafree import DataFreeModule
 from kdlab.modules.selfdistill import SelfDistillModule, self_teaching_layers
+from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.loggers import logger_entries
 from kdlab.pipeline.runtime import compute_device, resolve_precision, sources_channels_last
 from kdlab.pipeline.source_cache import cache_enabled, source_outputs_cache, stage_view_caches, view_data_key
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord
+from kdlab.store.fileio import sha256_file
 
 # Trainer arguments that do not change what a stage learns (kept out of the store key).
 NON_SEMANTIC_TRAINER_KEYS = {

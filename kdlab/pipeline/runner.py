@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdlab
 from kdlab.data import build_datamodule
-from kdlab.environment import describe_environment
 from kdlab.errors import (
     KdlabError,
     install_interrupt_handlers,
@@ -20,17 +19,18 @@ from kdlab.errors import (
     restore_interrupt_handlers,
     warn,
 )
-from kdlab.fileio import atomic_write_json
 from kdlab.models.quant import quant_report
 from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.environment import describe_environment
 from kdlab.pipeline.lr_scaling import describe
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import import_checkpoint, import_pretrained, resume_point, train_stage
 from kdlab.pipeline.view_plan import plan_views
-from kdlab.ranks import RankSync
 from kdlab.store import StageRecord, StageStore, stage_key
+from kdlab.store.fileio import atomic_write_json
+from kdlab.store.ranks import RankSync
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     results = new_results(plain, list(overrides or []))
     results_path = run_dir / "results.json"
     t0 = time.perf_counter()
-    sync = RankSync()  # DDP: rank 0 decides, looks up and writes; the other ranks follow (kdlab/store.py)
+    sync = RankSync()  # DDP: rank 0 decides, looks up and writes; the other ranks follow (kdlab/store/stage_store.py)
     where = "before the first stage"  # named by a SIGTERM / SIGINT (Interrupted) and in results.json
     handlers = install_interrupt_handlers()  # SIGTERM / SIGINT raise Interrupted (this process only)
     try:

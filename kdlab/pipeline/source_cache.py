@@ -3,7 +3,7 @@ computed once per source and data, kept in the store.
 
 ``distill.cache=views`` (augmented training): the outputs for every (training image, crop offset, flip) of
 the batched augmentation, computed once in large inference batches into memory-mapped fp16 arrays
-(:class:`kdlab.view_cache.ViewCache`); the training batches carry the view id of each sample, and the bank looks
+(:class:`kdlab.store.view_cache.ViewCache`); the training batches carry the view id of each sample, and the bank looks
 the outputs up by (idx, view)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from kdlab.errors import ConfigError
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.runtime import autocast_dtype, compute_device, inference_format, sources_channels_last
 from kdlab.store import StageRecord, canonical_json
-from kdlab.view_cache import ViewCache, logit_codec, view_cache_bytes
+from kdlab.store.view_cache import ViewCache, logit_codec, view_cache_bytes
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from kdlab.callbacks import build_callbacks, has_progress_bar
 from kdlab.errors import ConfigError, StoreError, TrainingError, warn
-from kdlab.fileio import load_weights
-from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.models.library import load_pretrained, pretrained_state
 from kdlab.modules import DistillModule
 from kdlab.modules.datafree import DataFreeModule
@@ -25,9 +22,12 @@ from kdlab.pipeline.assemble import (
     count_params,
     make_trainer,
 )
+from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.loggers import build_loggers, finish_loggers
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord
+from kdlab.store.fileio import load_weights
 
 log = logging.getLogger(__name__)
 

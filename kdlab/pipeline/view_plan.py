@@ -21,7 +21,7 @@ from kdlab.pipeline.source_cache import (
     view_topk,
 )
 from kdlab.store import stage_key
-from kdlab.view_cache import view_cache_bytes
+from kdlab.store.view_cache import view_cache_bytes
 
 
 def views_pay(views: int, taught_epochs: int, stored: bool) -> bool:

@@ -1,7 +1,7 @@
 """Reading and grouping kdlab runs for ``python -m kdlab.compare``: every ``results.json`` under the given paths,
 a run's value for any field, its stages' validation curves and generated-image grids, and :func:`aggregate`, one
-row of statistics per group of runs (the rows that kdlab.compare_tables, kdlab.compare_html, kdlab.compare_plots
-and kdlab.paired turn into tables, pages, plots and paired statistics).
+row of statistics per group of runs (the rows that kdlab.compare.tables, kdlab.compare.html, kdlab.compare.plots
+and kdlab.compare.paired turn into tables, pages, plots and paired statistics).
 
 Accuracies stay fractions, as in results.json.
 """
@@ -282,7 +282,7 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
         # split (a use of data) is its test_acc_best_val. For every other stage the two are the same.
         best_val = [s.get("test_acc_best_val", b) if s.get("data_free") else b for s, b in zip(students, best)]
         row["data_free"] = any(s.get("data_free") is True for s in students)
-        row["accuracies"] = [(r.get("seed"), b) for r, b in zip(done, best)]  # (seed, acc): kdlab.paired
+        row["accuracies"] = [(r.get("seed"), b) for r, b in zip(done, best)]  # (seed, acc): kdlab.compare.paired
         for prefix, values in (("student_test_acc", best),
                                ("student_test_acc_last", [s.get("test_acc_last") for s in students]),
                                ("student_test_acc_best_val", best_val)):

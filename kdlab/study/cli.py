@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from kdlab import compare_tables
+from kdlab.cli.report import report_error
+from kdlab.compare import tables as compare_tables
 from kdlab.errors import ConfigError, KdlabError
-from kdlab.study_config import ROOT, command_line, docs_dir, experiment_command, load_study, sweep_args
-from kdlab.study_tables import publish
+from kdlab.study.config import ROOT, command_line, docs_dir, experiment_command, load_study, sweep_args
+from kdlab.study.tables import publish
 
 
 def run_sweep(args: list[str], sweep_dir: Path, log: Path) -> tuple[int, float]:
@@ -160,8 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(a)
     except KdlabError as e:
-        print(f"kdlab.study: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report_error("kdlab.study", e)
     except KeyboardInterrupt:
         print("kdlab.study: interrupted", file=sys.stderr)
         return 130

@@ -15,16 +15,18 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kdlab import config_tree
+from kdlab.cli.report import report_error
 from kdlab.errors import Interrupted
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(config_tree.CONF_DIR)
 STATE: dict[str, Any] = {"exit": 0, "sweep": None}  # sweep: (dir, since) once it runs
 log = logging.getLogger("kdlab")
 
 
 def report(message: str, code: int) -> None:
     """The one line a user sees for a failure."""
-    print(f"kdlab: error: {message}", file=sys.stderr, flush=True)
+    report_error("kdlab", message)
     STATE["exit"] = max(STATE["exit"], code)
 
 
@@ -48,7 +50,7 @@ def report_interrupt(e: Interrupted) -> int:
 
 def _rank_zero() -> bool:
     if "kdlab.store" in sys.modules:  # torch is loaded: the process group, else the environment
-        from kdlab.ranks import is_rank_zero
+        from kdlab.store.ranks import is_rank_zero
 
         return bool(is_rank_zero())
     return all(os.environ.get(var, "0").strip() in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
@@ -149,7 +151,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:  # jobs in worker processes (joblib, submitit) start without __main__'s quieting
-        from kdlab.logs import quiet_libraries
+        from kdlab.cli.logs import quiet_libraries
 
         quiet_libraries()
     run_dir = Path(hc.runtime.output_dir)

@@ -1,5 +1,5 @@
 """The self-contained page of ``python -m kdlab.compare`` (``comparison.html``): inline CSS, the tables of
-kdlab.compare_tables, the plots and generated-image grids as base64 PNG, no scripts; paths relative to the
+kdlab.compare.tables, the plots and generated-image grids as base64 PNG, no scripts; paths relative to the
 study or sweep root and a provenance line (command, kdlab commit, the runs' environment), so a committed page
 travels.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from kdlab.compare_runs import (
+from kdlab.compare.runs import (
     DEFAULT_LAST_K,
     MISSING,
     common_root,
@@ -25,7 +25,7 @@ from kdlab.compare_runs import (
     val_curve,
     val_fluctuation,
 )
-from kdlab.compare_tables import FAILED_HEAD, failed_rows, fmt_seconds, pct, table_note, table_specs
+from kdlab.compare.tables import FAILED_HEAD, failed_rows, fmt_seconds, pct, table_note, table_specs
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:24px auto;
@@ -60,7 +60,8 @@ def source_commit() -> str | None:
     """The git commit of the kdlab checkout that renders the page (None outside a git checkout)."""
     import subprocess
 
-    here = Path(__file__).resolve().parent.parent
+    from kdlab.config_tree import ROOT as here
+
     if not (here / ".git").exists():
         return None
     try:

@@ -8,8 +8,8 @@ stage (DAFL: ``data_free: true``) the last grid of generated images in its run d
 
 Accuracies stay fractions in the data (as in results.json) and are shown as percentages.
 
-The work is split by job: kdlab.compare_runs reads and groups the runs, kdlab.compare_tables formats the tables
-(terminal and CSV), kdlab.compare_html writes the page, kdlab.compare_plots the plots, kdlab.paired the paired
+The work is split by job: kdlab.compare.runs reads and groups the runs, kdlab.compare.tables formats the tables
+(terminal and CSV), kdlab.compare.html writes the page, kdlab.compare.plots the plots, kdlab.compare.paired the paired
 statistics; this module writes the files and is the command line.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kdlab.compare_html import render_html
-from kdlab.compare_runs import DEFAULT_BY, DEFAULT_LAST_K, aggregate, all_stage_names, load_runs, warn
-from kdlab.compare_tables import print_report, write_csv
+from kdlab.cli.report import report_error
+from kdlab.compare.html import render_html
+from kdlab.compare.runs import DEFAULT_BY, DEFAULT_LAST_K, aggregate, all_stage_names, load_runs, warn
+from kdlab.compare.tables import print_report, write_csv
 from kdlab.errors import ConfigError, KdlabError
 
 
@@ -38,7 +39,7 @@ def write_outputs(rows: list[dict], runs: list[dict], by: Sequence[str], out: Pa
         written = [out / "comparison.csv"]
         write_csv(rows, by, written[0])
         if paired:
-            from kdlab.paired import CSV_COLUMNS, csv_row
+            from kdlab.compare.paired import CSV_COLUMNS, csv_row
 
             with open(out / "comparison_paired.csv", "w", newline="", encoding="utf-8") as fh:
                 w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
@@ -47,11 +48,11 @@ def write_outputs(rows: list[dict], runs: list[dict], by: Sequence[str], out: Pa
             written.append(out / "comparison_paired.csv")
         images: dict[str, bytes] = {}
         if plots:
-            from kdlab.compare_plots import make_plots
+            from kdlab.compare.plots import make_plots
 
             images = make_plots(rows, all_stage_names(rows))
             if paired:
-                from kdlab.paired import plot as paired_plot
+                from kdlab.compare.paired import plot as paired_plot
 
                 images["paired"] = paired_plot(paired)
             for name, png in images.items():
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     rows = aggregate(runs, by, args.last_k)
     paired = None
     if args.baseline or args.pairs:
-        from kdlab.paired import paired_table
+        from kdlab.compare.paired import paired_table
 
         paired = paired_table(rows, by, args.baseline, args.pairs)
     first = Path(args.paths[0])
@@ -136,14 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KdlabError as e:
         if args.debug:
             raise
-        print(f"kdlab.compare: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report_error("kdlab.compare", e)
     except Exception as e:  # one line, never a traceback without --debug
         if args.debug:
             raise
-        print(f"kdlab.compare: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        return report_error("kdlab.compare", e, hint="rerun with --debug for the traceback")
 
 
 if __name__ == "__main__":

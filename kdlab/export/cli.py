@@ -18,7 +18,7 @@ Quantized models (``model.quant``): each quantized layer's weight is folded into
 (codes x scale, what the layer computes in every forward pass), so the exported graph does not recompute the
 ternary threshold; the input fake-quantization (clamp to the layer's grid, round, rescale) stays in the graph.
 docs/export.md has the formats, the tolerances and how they were measured. This module writes the formats and
-runs the command; :mod:`kdlab.export_target` finds and rebuilds the stage, :mod:`kdlab.export_check` checks the
+runs the command; :mod:`kdlab.export.target` finds and rebuilds the stage, :mod:`kdlab.export.check` checks the
 export.
 """
 from __future__ import annotations
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kdlab
+from kdlab.cli.report import report_error
 from kdlab.errors import ConfigError, KdlabError
-from kdlab.export_check import CheckResult, check, check_inputs
-from kdlab.export_target import Target, resolve
+from kdlab.export.check import CheckResult, check, check_inputs
+from kdlab.export.target import Target, resolve
 
 # torch and the rest load after the arguments are checked: a bad argument answers at once
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ def default_out(t: Target, fmt: str) -> Path:
 def export(source: str, fmt: str, stage: str | None = None, out: str | Path | None = None,
            store: str | Path | None = None, n_check: int = DEFAULT_CHECK) -> tuple[Path, CheckResult | None, Target]:
     """Export the stage ``source`` names (see the module doc); returns (the file, the check or None, the stage)."""
-    from kdlab.fileio import atomic_write_bytes
+    from kdlab.store.fileio import atomic_write_bytes
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown --format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -227,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         path, result, t = export(args.source, args.fmt, stage=args.stage, out=args.out, store=args.store,
                               n_check=args.check)
     except KdlabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report_error("kdlab.export", e)
     q = t.entry.get("quant") or {}
     bits = f", weights {q.get('weight_bits') or 32} / activations {q.get('act_bits') or 32} bits" if q else ""
     otf = ", on-the-fly" if t.entry.get("on_the_fly") else ""

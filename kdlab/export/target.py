@@ -47,7 +47,7 @@ def default_store_dir() -> Path:
     """The config's ``paths.store_dir`` (conf/paths/default.yaml), relative to the working directory."""
     from omegaconf import OmegaConf
 
-    from kdlab.hydra_app import CONF_DIR
+    from kdlab.cli.hydra_app import CONF_DIR
 
     paths = OmegaConf.load(Path(CONF_DIR) / "paths" / "default.yaml")
     return Path(str(OmegaConf.to_container(OmegaConf.create({"paths": paths}), resolve=True)["paths"]["store_dir"]))

@@ -1,5 +1,5 @@
 """The tables of ``python -m kdlab.compare``: one specification (:func:`table_specs`) serves the terminal report
-(rich), the HTML page (kdlab.compare_html) and, with the CSV, the files; numbers formatted once here.
+(rich), the HTML page (kdlab.compare.html) and, with the CSV, the files; numbers formatted once here.
 
 Accuracies are fractions in the rows and shown as percentages.
 """
@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kdlab.compare_runs import DEFAULT_LAST_K, all_stage_names, generated_grids, relative_to, run_label
+from kdlab.compare.runs import DEFAULT_LAST_K, all_stage_names, generated_grids, relative_to, run_label
 
 PAIRED_TITLE = "Paired comparison (student test accuracy, runs sharing a seed)"
 
@@ -51,7 +51,7 @@ def fmt_seconds(s: float | None) -> str:
 def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None = None
                 ) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The printed/HTML tables as (header, rows of strings); one place serves the terminal and HTML;
-    ``paired``: the results of :func:`kdlab.paired.paired_table` (``--baseline`` / ``--pairs``)."""
+    ``paired``: the results of :func:`kdlab.compare.paired.paired_table` (``--baseline`` / ``--pairs``)."""
     k = rows[0]["last_k"] if rows else DEFAULT_LAST_K
     names = all_stage_names(rows)
 
@@ -77,7 +77,7 @@ def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None =
              pct(r["val_fluct_max"])] for r in rows]
     tables = {"Student accuracy": (acc_head, acc), "Stages": (stage_head, stage), "Stability": (stab_head, stab)}
     if paired:
-        from kdlab.paired import table_rows
+        from kdlab.compare.paired import table_rows
 
         tables[PAIRED_TITLE] = table_rows(paired)
     return tables

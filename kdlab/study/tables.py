@@ -9,9 +9,11 @@ import json
 import shlex
 from pathlib import Path
 
-from kdlab import compare, compare_runs, compare_tables
+from kdlab.compare import cli as compare_cli
+from kdlab.compare import runs as compare_runs
+from kdlab.compare import tables as compare_tables
 from kdlab.errors import ConfigError
-from kdlab.study_config import ROOT, docs_dir, row_name
+from kdlab.study.config import ROOT, docs_dir, row_name
 
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -25,7 +27,7 @@ def paired_cell(r: dict | None) -> str:
     """One paired comparison in a table cell: mean difference [95 % t interval] (pp), wins/ties/losses, verdict."""
     if r is None:
         return "-"
-    from kdlab.paired import fmt_ci, pp
+    from kdlab.compare.paired import fmt_ci, pp
 
     if not r["paired"]:
         return f"{pp(r['mean'])} {fmt_ci(r['ci_t'])} unpaired, {r['verdict']}"
@@ -100,7 +102,7 @@ def update_readme(block: str, readme: Path = README, marker: str = "results") ->
 def part_pairs(rows: list[dict], by: list[str], meta: dict) -> list[dict]:
     """A part's paired comparisons: every experiment against its ``baseline`` and each of its ``pairs`` [A, B],
     where the groups ran (a missing one is skipped with a warning: a part may be run in pieces)."""
-    from kdlab.paired import paired_table
+    from kdlab.compare.paired import paired_table
 
     present = {str(r["fields"].get(by[0])) for r in rows if r["n"]}
     base = meta.get("baseline")
@@ -135,7 +137,7 @@ def tables(study: dict, record: dict, out: Path, plots: bool,
         rows.sort(key=lambda r: order.index(r["fields"].get("experiment"))
                   if r["fields"].get("experiment") in order else len(order))
         paired = part_pairs(rows, by, meta)
-        written = compare.write_outputs(rows, runs, by, out / part, plots=plots, skipped=skipped,
+        written = compare_cli.write_outputs(rows, runs, by, out / part, plots=plots, skipped=skipped,
                                         sources=[str(d) for d in dirs], paired=paired, root=record.get("root"),
                                         command=" ; ".join(s["command"] for s in record["sweeps"] if s["part"] == part))
         commands = {row_name(s.get("args", []), e): c for s in record["sweeps"] if s["part"] == part
@@ -157,7 +159,7 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
     collected: dict[str, tuple[list[dict], list[dict]]] = {}
     blocks = tables(study, record, out, plots=not a.no_plots, collected=collected)
     if study.get("gain_vs_gap"):  # a capacity-gap study: each method's paired gain against the gap
-        from kdlab import gain_vs_gap
+        from kdlab.compare import gain_vs_gap
 
         cfg = study["gain_vs_gap"]
         pts = gain_vs_gap.points(collected, cfg)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kdlab.errors import KdlabError
-from kdlab.export_target import Target, build_target
+from kdlab.export.target import Target, build_target
 
 if TYPE_CHECKING:
     import torch
@@ -102,8 +102,8 @@ def check(t: Target, fmt: str, data: bytes, x: torch.Tensor, what: str) -> Check
     """Run ``x`` through kdlab's model and through the exported bytes; compare their logits."""
     import torch
 
-    from kdlab.fileio import load_weights
     from kdlab.models.quant import quant_layers, quantize_weight
+    from kdlab.store.fileio import load_weights
 
     with torch.no_grad():
         ref = batched(t.model, x)

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdlab import fileio
-from kdlab.fileio import sha256_file
+from kdlab.store import fileio
+from kdlab.store.fileio import sha256_file
 
 VIEW_SCHEMA = 2  # 2: the logits codec (fp16 or top-k), per-array dtypes
 

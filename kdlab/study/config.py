@@ -12,11 +12,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from kdlab.config_tree import ROOT, conf_path
 from kdlab.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDY_DIR = ROOT / "conf" / "study"
-EXPERIMENT_DIR = ROOT / "conf" / "experiment"
+STUDY_DIR = conf_path("study")
+EXPERIMENT_DIR = conf_path("experiment")
 
 
 def known_studies() -> list[str]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from kdlab.errors import StoreError
 
 if TYPE_CHECKING:
-    from kdlab.store import StageStore
+    from kdlab.store.stage_store import StageStore
 
 
 def is_rank_zero() -> bool:

@@ -4,7 +4,7 @@ A capacity-gap study (``conf/study/capacity_gap.yaml``) has one part per student
 trained alone (its ``baseline``) and the methods, all taught by one teacher. Per part:
 
 * gap = the teacher's test accuracy minus the student-alone mean (pp), the x of the figure;
-* gain = each method's paired difference to the student alone over the seeds both ran (:mod:`kdlab.paired`):
+* gain = each method's paired difference to the student alone over the seeds both ran (:mod:`kdlab.compare.paired`):
   its mean, 95 % t interval (and bootstrap interval for n >= 5), wins and verdict, the y with error bars.
 
 Written as ``gain_vs_gap.{csv,md,png}`` next to the study's tables. The study config names it::
@@ -20,7 +20,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from kdlab.paired import fmt_ci, pp
+from kdlab.compare.paired import fmt_ci, pp
 
 CSV_COLUMNS = ("part", "method", "student_alone", "teacher", "gap", "gain", "ci_t_low", "ci_t_high",
                "ci_bootstrap_low", "ci_bootstrap_high", "n", "wins", "verdict")

@@ -18,8 +18,8 @@ A stage is trained by one process at a time: an OS file lock (``fcntl``), which 
 if its holder dies, so a killed job never blocks the others.
 
 In a distributed (DDP) run only rank 0 writes: every other rank opens the store read-only
-(``writer=False``) and follows rank 0's decisions (:class:`kdlab.ranks.RankSync`); its files are
-written and read through :mod:`kdlab.fileio`.
+(``writer=False``) and follows rank 0's decisions (:class:`kdlab.store.ranks.RankSync`); its files are
+written and read through :mod:`kdlab.store.fileio`.
 """
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from kdlab import fileio
 from kdlab.errors import ConfigError, StoreError, warn
-from kdlab.fileio import load_weights, sha256_file
-from kdlab.view_cache import Layout, LogitCodec, ViewCache, read_view_cache, write_view_cache
+from kdlab.store import fileio
+from kdlab.store.fileio import load_weights, sha256_file
+from kdlab.store.view_cache import Layout, LogitCodec, ViewCache, read_view_cache, write_view_cache
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class StageStore:
                          features: Layout, fill: Any) -> ViewCache:
         """Allocate the arrays (n * views, *shape) on disk (the codec's logits, then the ``features`` layout),
         let ``fill(arrays)`` write them (in place, through memory maps), then checksum them, move them into
-        place and write the manifest last (:func:`kdlab.view_cache.write_view_cache`).
+        place and write the manifest last (:func:`kdlab.store.view_cache.write_view_cache`).
 
         A read-only store (a DDP rank other than 0 that found no stored cache) writes into a private temporary
         directory instead, removed when the cache is closed. A failed write (a full disk) leaves no manifest:
