@@ -164,7 +164,7 @@ class ActQuant(nn.Module):
         levels = 2 ** self.bits - 1
         if not torch.onnx.is_in_onnx_export():
             # torch's fused kernel: the same grid, round half to even and clamp-masked gradient as the explicit
-            # form below (tests/test_quant.py), 1.7x faster on the CPU; quant_min / quant_max are per call, so
+            # form below (tests/models/test_quant.py), 1.7x faster on the CPU; quant_min / quant_max are per call, so
             # the bit-width still switches per forward pass
             return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero.to(torch.int32), 0, levels)
         # the explicit form, for ONNX (whose QuantizeLinear has only 8-bit ranges): Clip and Round on the grid

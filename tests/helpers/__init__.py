@@ -1,0 +1,1 @@
+"""Helpers the tests import (plain functions); the fixtures are in the conftest.py files."""
