@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,21 @@ class _DataStub:
     num_classes, in_channels, image_size = 10, 1, 28
 
     def __init__(self, data_cfg: dict):
-        self._fp = hashlib.sha256(json.dumps({k: v for k, v in data_cfg.items() if k != "batch_size"},
-                                             sort_keys=True).encode()).hexdigest()[:16]
+        self._cfg = {k: v for k, v in data_cfg.items() if k != "batch_size"}
 
     def fingerprint(self) -> str:
-        return self._fp
+        return hashlib.sha256(json.dumps(self._cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+    @contextmanager
+    def stage_augment(self, augment):
+        """A stage's own augmentation (pipeline.per_stage.<stage>.augment): another data fingerprint."""
+        saved = dict(self._cfg)
+        if augment is not None:
+            self._cfg["augment"] = augment
+        try:
+            yield self
+        finally:
+            self._cfg = saved
 
 
 def stage_keys(cfg: dict) -> dict[str, str]:
