@@ -99,12 +99,30 @@ def with_library_options(model: dict[str, Any], where: str = "model") -> dict[st
     if pretrained is True or (isinstance(pretrained, str) and pretrained.strip()):
         out["pretrained"] = pretrained
     elif pretrained not in (None, False, ""):
-        raise ConfigError(f"{where}.pretrained must be true (the library's weights), a weights file path or "
-                          f"null, got {pretrained!r}")
+        raise ConfigError(f"{where}.pretrained must be true (the library's weights), a weights file path, released "
+                          f"(a zoo teacher's published CIFAR-100 weights) or null, got {pretrained!r}")
     preprocess = preprocess_setting(out.pop("preprocess", None), f"{where}.preprocess")
     if preprocess != "auto":
         out["preprocess"] = preprocess
     return out
+
+
+def with_released_teacher(model: dict[str, Any], cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """``model`` with ``pretrained: released`` as the released CIFAR-100 teacher's file of its architecture under
+    ``paths.teachers_dir`` (:mod:`kdlab.models.released`); a released teacher's file named for another
+    architecture is a ConfigError."""
+    from kdlab.models.library import is_library_arch
+    from kdlab.models.released import check_released_file, released_teacher_file
+
+    pretrained = model.get("pretrained")
+    if not isinstance(pretrained, str) or is_library_arch(model.get("arch")):
+        return model
+    arch = str(model["arch"])
+    if pretrained == "released":
+        teachers_dir = (cfg.get("paths") or {}).get("teachers_dir")
+        return {**model, "pretrained": released_teacher_file(arch, teachers_dir, where)}
+    check_released_file(arch, pretrained, where)
+    return model
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
@@ -236,10 +254,15 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
                               f"pipeline=single (or a stage without sources)")
         if not sources[i] and not self_taught:  # a stage without sources learns from labels: ``ce``
             stage_distill = {**stage_distill, "strategy": "ce"}
-        # the keys its strategy reads and nothing else: what the stage's store key hashes
-        stage_distill = strategy_class(stage_distill).own_config(stage_distill)
         model = with_quant(deep_merge(models[i], over.get("model")), f"model.quant (stage {name})")
         model = with_library_options(model, f"model (stage {name})")
+        model = with_released_teacher(model, cfg, f"model.pretrained (stage {name})")
+        if sources[i]:  # feature points left null: the reference layers of the student's and sources' families
+            by_name = {s.name: s for s in specs}
+            stage_distill = strategy_class(stage_distill).with_model_taps(
+                stage_distill, str(model["arch"]), [by_name[s].arch for s in sources[i]])
+        # the keys its strategy reads and nothing else: what the stage's store key hashes
+        stage_distill = strategy_class(stage_distill).own_config(stage_distill)
         checkpoint = p.get("teacher_checkpoint") if i == 0 and topology != "custom" else None
         if model.get("pretrained") is not None:
             if sources[i]:
