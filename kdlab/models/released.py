@@ -47,15 +47,15 @@ def known() -> str:
     return ", ".join(f"{a} ({FILE.format(arch=a)})" for a in RELEASED)
 
 
-def released_teacher_file(arch: str, teachers_dir: str | None, where: str) -> str:
-    """The released teacher's file for ``arch`` under ``teachers_dir`` (``model.pretrained: released``); a
-    ConfigError naming ``where`` and the released architectures for another architecture."""
+def released_teacher_file(arch: str, teachers_dir: str | None, stage: str) -> str:
+    """The released teacher's file for ``arch`` under ``teachers_dir`` (``model.pretrained: released`` of stage
+    ``stage``); a ConfigError naming the stage, the architecture and the released ones for another architecture."""
     if arch not in RELEASED:
-        raise ConfigError(f"{where}=released: no released CIFAR-100 teacher for {arch!r}; released teachers: "
-                          f"{known()}")
+        raise ConfigError(f"model.pretrained=released (stage {stage}): no released CIFAR-100 teacher for {arch!r}; "
+                          f"released teachers: {known()}")
     if not teachers_dir:
-        raise ConfigError(f"{where}=released needs paths.teachers_dir (the folder of the unpacked "
-                          f"cifar_teachers archive)")
+        raise ConfigError(f"model.pretrained=released (stage {stage}) needs paths.teachers_dir (the folder of the "
+                          f"unpacked cifar_teachers archive)")
     return str(Path(str(teachers_dir)).expanduser() / FILE.format(arch=arch))
 
 
@@ -65,12 +65,12 @@ def released_arch(path: str) -> str | None:
     return m.group(1) if m else None
 
 
-def check_released_file(arch: str, path: str, where: str) -> None:
+def check_released_file(arch: str, path: str, stage: str) -> None:
     """A ConfigError when ``path`` is a released teacher's file (by its name) of another architecture than ``arch``."""
     named = released_arch(path)
     if named is not None and named != arch:
-        raise ConfigError(f"{where} {path!r} is the released {named} teacher, but the stage's model is {arch!r}; "
-                          f"released teachers: {known()}")
+        raise ConfigError(f"model.pretrained {path!r} (stage {stage}) is the released {named} teacher, but the "
+                          f"stage's model is {arch!r}; released teachers: {known()}")
 
 
 def to_zoo_keys(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

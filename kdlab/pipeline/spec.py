@@ -107,7 +107,7 @@ def with_library_options(model: dict[str, Any], where: str = "model") -> dict[st
     return out
 
 
-def with_released_teacher(model: dict[str, Any], cfg: dict[str, Any], where: str) -> dict[str, Any]:
+def with_released_teacher(model: dict[str, Any], cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     """``model`` with ``pretrained: released`` as the released CIFAR-100 teacher's file of its architecture under
     ``paths.teachers_dir`` (:mod:`kdlab.models.released`); a released teacher's file named for another
     architecture is a ConfigError."""
@@ -120,8 +120,8 @@ def with_released_teacher(model: dict[str, Any], cfg: dict[str, Any], where: str
     arch = str(model["arch"])
     if pretrained == "released":
         teachers_dir = (cfg.get("paths") or {}).get("teachers_dir")
-        return {**model, "pretrained": released_teacher_file(arch, teachers_dir, where)}
-    check_released_file(arch, pretrained, where)
+        return {**model, "pretrained": released_teacher_file(arch, teachers_dir, stage)}
+    check_released_file(arch, pretrained, stage)
     return model
 
 
@@ -256,7 +256,7 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
             stage_distill = {**stage_distill, "strategy": "ce"}
         model = with_quant(deep_merge(models[i], over.get("model")), f"model.quant (stage {name})")
         model = with_library_options(model, f"model (stage {name})")
-        model = with_released_teacher(model, cfg, f"model.pretrained (stage {name})")
+        model = with_released_teacher(model, cfg, name)
         if sources[i]:  # feature points left null: the reference layers of the student's and sources' families
             by_name = {s.name: s for s in specs}
             stage_distill = strategy_class(stage_distill).with_model_taps(

@@ -553,3 +553,42 @@ def test_strategy_is_registered_under_its_name():
         assert cls.name == name and cls.options["label_smoothing"] == 0.0
         assert cls.options[name]["combine"] == "mean"
     assert FitNet.taps(cfg_of("fitnet", student_tap="stage1", source_tap="stage3")) == (["stage1"], ["stage3"])
+
+
+# -- taps left null: the families' reference layers, resolved per stage ------------------------------------------
+@pytest.mark.parametrize("method,chain,student,source", [
+    ("at", "[wrn_40_2,wrn_16_2]", ["stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3"]),
+    ("at", "[vgg13,vgg8]", ["stage2", "stage3", "stage4", "stage5"], ["stage2", "stage3", "stage4", "stage5"]),
+    ("at", "[resnet32x4,shufflev2]", ["stage1", "stage2", "stage3"], ["stage1", "stage2", "prepool"]),
+    ("sp", "[wrn_40_2,wrn_16_2]", "stage3", "stage3"),
+    ("sp", "[vgg13,mobilenetv2]", "stage4", "prepool"),
+    ("fitnet", "[vgg13,vgg8]", "stage3", "stage3"),
+    ("fitnet", "[resnet32x4,resnet8x4]", "stage2", "stage2"),
+    ("reviewkd", "[resnet56,resnet20]", ["stage1", "stage2", "stage3", "embedding"],
+     ["preact1", "preact2", "preact3", "embedding"]),
+    ("at", "[plain10,plain2]", ["stage1", "stage2", "prepool"], ["stage1", "stage2", "prepool"]),  # no row
+])
+def test_null_taps_resolve_per_stage_to_the_families_layers(method, chain, student, source):
+    from kdlab.pipeline.spec import build_stages
+    from tests.helpers.config import compose_config
+
+    cfg = compose_config(f"+experiment={method}_cifar100", f"pipeline.chain={chain}")
+    assert cfg["distill"][method][strategy_class(cfg["distill"]).tap_keys[0]] is None  # the YAML leaves them null
+    stage = build_stages(cfg)[-1]
+    s_key, t_key = strategy_class(stage.distill).tap_keys
+    assert (stage.distill[method][s_key], stage.distill[method][t_key]) == (student, source)
+
+
+def test_set_taps_are_kept_and_sources_must_agree():
+    from kdlab.pipeline.spec import build_stages
+    from tests.helpers.config import compose_config
+
+    cfg = compose_config("+experiment=at_cifar100", "pipeline.chain=[wrn_40_2,wrn_16_2]",
+                         "distill.at.student_taps=[stage2,stage3]")
+    stage = build_stages(cfg)[-1]
+    assert stage.distill["at"]["student_taps"] == ["stage2", "stage3"]  # set: kept
+    assert stage.distill["at"]["source_taps"] == ["stage1", "stage2", "stage3"]  # null: the family's (not cut)
+    cfg = compose_config("distill=sp", "pipeline=dense", "pipeline.chain=[wrn_16_2,vgg8,resnet8]", "data=cifar100")
+    with pytest.raises(ConfigError, match=r"distill.sp.source_tap is not set and the sources' reference layers "
+                                          r"differ \(wrn_16_2: stage3; vgg8: prepool\); set distill.sp.source_tap"):
+        build_stages(cfg)
