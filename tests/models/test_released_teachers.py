@@ -232,8 +232,9 @@ def test_the_switch_picks_the_teachers_file_in_every_table_recipe():
     from kdlab.pipeline.spec import build_stages
     from tests.helpers.config import compose_config
 
-    for recipe, arch in (("dkd_cifar100", "resnet32x4"), ("crd_cifar100", "resnet32x4"),
-                         ("dgkd_dkd_cifar100", "resnet56")):
+    table = {m: "resnet32x4" for m in ("at", "crd", "dist", "dkd", "fitnet", "pkt", "reviewkd", "rkd", "sp")}
+    table.update(dgkd_dkd="resnet56", dgkd_dist="resnet56")
+    for recipe, arch in ((f"{m}_cifar100", a) for m, a in table.items()):
         cfg = compose_config(f"+experiment={recipe}", "teacher=released", "paths.teachers_dir=/w")
         teacher = build_stages(cfg)[0]
         assert teacher.name == "teacher" and teacher.pretrained == f"/w/{arch}_vanilla/ckpt_epoch_240.pth"
