@@ -74,9 +74,9 @@ class CifarResNet(ZooModel):
             blocks = [BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             cin = w
-        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
         # preact<i>: stage i's output before its last ReLU (the last block's residual sum: mdistiller's preact_feats)
-        self.feature_points.update({f"preact{i}": f"layer{i}.{n - 1}.preact" for i in (1, 2, 3)})
+        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu",
+                             preacts=[f"layer{i}.{n - 1}.preact" for i in (1, 2, 3)])
         self.init_weights()
 
     def forward(self, x):

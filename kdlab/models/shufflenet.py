@@ -89,9 +89,9 @@ class ShuffleNetV1(ZooModel):
                 )
                 cin = w
             self.add_module(f"layer{i}", nn.Sequential(*units))
-        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
         # preact<i>: stage i's output before the last unit's ReLU (mdistiller's preact_feats)
-        self.feature_points.update({f"preact{i}": f"layer{i}.{n - 1}.preact" for i, n in enumerate(blocks, 1)})
+        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu",
+                             preacts=[f"layer{i}.{n - 1}.preact" for i, n in enumerate(blocks, 1)])
         self.init_weights()
 
     def forward(self, x):
@@ -169,8 +169,8 @@ class ShuffleNetV2(ZooModel):
             self.add_module(f"layer{i}", nn.Sequential(ShuffleV2Down(cin, w), *units))
             cin = w
         self.conv2 = nn.Sequential(nn.Conv2d(cin, widths[3], 1, bias=False), *_bn_relu(widths[3]))
-        self.add_pooled_head(widths[3], num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
-        self.feature_points.update({f"preact{i}": f"layer{i}.{n}.preact" for i, n in enumerate(blocks, 1)})
+        self.add_pooled_head(widths[3], num_classes, stages=("layer1", "layer2", "layer3"), stem="relu",
+                             preacts=[f"layer{i}.{n}.preact" for i, n in enumerate(blocks, 1)])
         self.init_weights()
 
     def forward(self, x):

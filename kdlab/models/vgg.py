@@ -50,9 +50,9 @@ class VGG(ZooModel):
             if i < 4:
                 pool = nn.MaxPool2d(kernel_size=2, stride=2) if (i < 3 or h >= 64) else nn.Identity()
                 self.add_module(f"pool{i}", pool)
-        self.add_pooled_head(cin, num_classes, stages=[f"block{i}" for i in range(5)])
         # preact<i>: stage i before its last ReLU, the output of block i-1's last BN (mdistiller's preact_feats)
-        self.feature_points.update({f"preact{i + 1}": f"block{i}.{3 * len(block) - 2}" for i, block in enumerate(cfg)})
+        self.add_pooled_head(cin, num_classes, stages=[f"block{i}" for i in range(5)],
+                             preacts=[f"block{i}.{3 * len(block) - 2}" for i, block in enumerate(cfg)])
         self.init_weights()
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)

@@ -74,10 +74,10 @@ class WideResNet(ZooModel):
             cin = w
         self.bn1 = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU()
-        self.add_pooled_head(cin, num_classes, stages=("block1", "block2", "block3"), stem="conv1")
         # preact<i>: stage i's output through the BN that precedes the next ReLU (the next stage's first block's
         # bn1; the final bn1 for stage 3): mdistiller's preact_feats of the WRN
-        self.feature_points.update(preact1="block2.0.bn1", preact2="block3.0.bn1", preact3="bn1")
+        self.add_pooled_head(cin, num_classes, stages=("block1", "block2", "block3"), stem="conv1",
+                             preacts=("block2.0.bn1", "block3.0.bn1", "bn1"))
         self.init_weights()
         nn.init.zeros_(self.fc.bias)
 
