@@ -31,9 +31,6 @@ from kdlab.store import StageRecord
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("agreement", "agreement_teacher", "kl_teacher", "teacher_stages", "ece")
-
-
 def keep_test_outputs(ctx: RunContext, key: str, outputs: dict[str, torch.Tensor] | None) -> None:
     """Store the test-split outputs of the pass that measured the stage's reported test_acc (a read-only store,
     a DDP rank other than 0, writes nothing)."""
@@ -50,18 +47,18 @@ def teacher_stages(spec: StageSpec, earlier: dict[str, tuple[StageSpec, StageRec
 def stage_fidelity(ctx: RunContext, spec: StageSpec, record: StageRecord,
                    earlier: dict[str, tuple[StageSpec, StageRecord]]) -> dict[str, Any]:
     """The fidelity fields of a stage's results.json entry (``earlier``: the stages before it, in order)."""
-    own = test_outputs(ctx, spec, record)
+    own = stage_test_outputs(ctx, spec, record)
     if not spec.sources:
         return fidelity(own["logits"], own["labels"], {}, [])
     teachers = teacher_stages(spec, {n: v for n, v in earlier.items() if n != spec.name})
     needed = list(dict.fromkeys([*spec.sources, *teachers]))
-    logits = {name: test_outputs(ctx, *earlier[name])["logits"] for name in needed}
+    logits = {name: stage_test_outputs(ctx, *earlier[name])["logits"] for name in needed}
     out = fidelity(own["logits"], own["labels"], {name: logits[name] for name in spec.sources},
                    [logits[name] for name in teachers])
     return {**out, "teacher_stages": teachers}
 
 
-def test_outputs(ctx: RunContext, spec: StageSpec, record: StageRecord) -> dict[str, torch.Tensor]:
+def stage_test_outputs(ctx: RunContext, spec: StageSpec, record: StageRecord) -> dict[str, torch.Tensor]:
     """A stored stage's test-split outputs: read from its store entry, or (stored by an older kdlab, or damaged)
     computed once from its weights and added to the entry."""
     stored = ctx.store.load_test_outputs(record.key)
