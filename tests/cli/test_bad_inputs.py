@@ -192,7 +192,7 @@ CASES = [
     Case("released_teacher_other_arch", [*DIRECT[:1], "pipeline.chain=[resnet20,resnet8]",
                                          ("+pipeline.per_stage.teacher.model.pretrained="
                                           "{assets}/teachers/wrn_40_2_vanilla/ckpt_epoch_240.pth")], 2,
-         ["wrn_40_2_vanilla/ckpt_epoch_240.pth' is the released wrn_40_2 teacher",
+         ["wrn_40_2_vanilla/ckpt_epoch_240.pth' (stage teacher) is the released wrn_40_2 teacher",
           "the stage's model is 'resnet20'", "released teachers: resnet56", "resnet32x4", "vgg13"]),
     Case("released_teacher_unknown_arch", [*DIRECT, "teacher=released"], 2,
          ["model.pretrained=released (stage teacher): no released CIFAR-100 teacher for 'plain4'",
