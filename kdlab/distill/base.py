@@ -332,6 +332,9 @@ class BlockStrategy(Strategy):
 
 def strategy_class(cfg: dict[str, Any]) -> type[Strategy]:
     """The registered class of ``cfg["strategy"]`` (an unknown name is a ConfigError listing the known)."""
+    if cfg.get("strategy") == "???":  # conf/distill/shared/base.yaml chosen by itself: it is no method
+        raise ConfigError(f"distill.strategy is not set (conf/distill/shared/ is not a method); choose one: "
+                          f"distill=<name>, {', '.join(STRATEGIES.names())} (ce: distill=none)")
     return STRATEGIES.get(str(cfg.get("strategy", "kd")))
 
 

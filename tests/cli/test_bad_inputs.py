@@ -90,6 +90,8 @@ CASES = [
          ["distill.temperature=2 is not read: feed reads it only with distill.feed.logit_kd=true"]),
     Case("key_no_stage_reads", ["pipeline=single", "distill=kd", "distill.temperature=2"], 2,
          ["distill.temperature=2 is not read: no stage of this pipeline reads it"]),
+    Case("shared_distill_base_is_no_method", ["distill=shared/base"], 2,
+         ["distill.strategy is not set (conf/distill/shared/ is not a method)", "distill=<name>", "dkd"]),
     Case("p_zero", ["distill.stochastic.mode=bernoulli", "distill.stochastic.p=0"], 2,
          ["distill.stochastic.p must be in (0, 1], got 0"]),
     Case("p_above_one", ["distill.stochastic.mode=bernoulli", "distill.stochastic.p=1.5"], 2,
