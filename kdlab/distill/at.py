@@ -56,6 +56,7 @@ class AttentionTransfer(FeatureStrategy):
                                "at": {"ce_weight": 1.0, "feat_weight": 1000.0, "p": 2.0, "abs": False,
                                       "student_taps": None, "source_taps": None, "combine": "mean"}}
     term_weights: ClassVar[dict[str, str]] = {"at": "feat_weight"}
+    hints: ClassVar[dict[str, str]] = {"lam": "at.feat_weight"}  # the weight of its one distillation term
     tap_keys: ClassVar[tuple[str, str]] = ("student_taps", "source_taps")
     many_taps: ClassVar[bool] = True
     reference_taps: ClassVar[dict[str, str]] = {"student_taps": "feats", "source_taps": "feats"}

@@ -64,6 +64,7 @@ class FitNet(FeatureStrategy):
     term_weights: ClassVar[dict[str, str]] = {"fitnet": "feat_weight"}
     reference_taps: ClassVar[dict[str, str]] = {"student_tap": "hint", "source_tap": "hint"}
     fallback_taps: ClassVar[dict] = {"student_tap": "stage2", "source_tap": "stage2"}
+    hints: ClassVar[dict[str, str]] = {"lam": "fitnet.feat_weight"}  # the weight of its one distillation term
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -163,6 +163,7 @@ class ReviewKD(BlockStrategy):
     reference_taps: ClassVar[dict[str, str]] = {"student_taps": "review", "source_taps": "review_preact"}
     fallback_taps: ClassVar[dict] = {"student_taps": ["stage1", "stage2", "prepool"],
                                      "source_taps": ["stage1", "stage2", "prepool"]}
+    hints: ClassVar[dict[str, str]] = {"lam": "reviewkd.feat_weight"}  # the weight of its distillation term
 
     def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
         super().__init__(cfg, ctx)

@@ -44,6 +44,7 @@ class SimilarityPreserving(FeatureStrategy):
     term_weights: ClassVar[dict[str, str]] = {"sp": "gamma"}
     reference_taps: ClassVar[dict[str, str]] = {"student_tap": "last", "source_tap": "last"}
     fallback_taps: ClassVar[dict] = {"student_tap": "prepool", "source_tap": "prepool"}
+    hints: ClassVar[dict[str, str]] = {"lam": "sp.gamma"}  # the weight of its one distillation term
 
     def source_losses(self, name, student, source) -> dict[str, torch.Tensor]:
         (s_tap, t_tap), = self.pairs
