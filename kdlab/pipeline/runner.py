@@ -139,20 +139,10 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                             "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"]}
         results["status"] = "completed"
     except BaseException as e:  # record every failure, then let the caller report it
-        stop = interruption(e)  # SIGTERM / SIGINT: finished stages stay committed, the rerun resumes
-        if stop is not None:
-            stop.where = stop.where or where
-            results["status"] = "interrupted"
-            results["error"] = str(stop)
-            if stop is e:
-                raise
-            raise stop from e
-        results["status"] = "failed"
-        results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
-            type(e).__name__
-        if not isinstance(e, KdlabError):
-            results["traceback"] = traceback.format_exc()
-        raise
+        stop = record_failure(results, e, where)
+        if stop is None or stop is e:
+            raise
+        raise stop from e
     finally:
         results["wall_seconds"] = round(time.perf_counter() - t0, 3)
         try:
@@ -163,6 +153,23 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
         finally:
             restore_interrupt_handlers(handlers)
     return results
+
+
+def record_failure(results: dict[str, Any], e: BaseException, where: str) -> BaseException | None:
+    """``results`` marked failed (or interrupted) by ``e``, raised ``where``; returns the Interrupted to raise
+    for a SIGTERM / SIGINT (finished stages stay committed, the rerun resumes), else None."""
+    stop = interruption(e)
+    if stop is not None:
+        stop.where = stop.where or where
+        results["status"] = "interrupted"
+        results["error"] = str(stop)
+        return stop
+    results["status"] = "failed"
+    results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
+        type(e).__name__
+    if not isinstance(e, KdlabError):
+        results["traceback"] = traceback.format_exc()
+    return None
 
 
 def start_run(plain: dict[str, Any], run_dir: Path, results: dict[str, Any], sync: RankSync

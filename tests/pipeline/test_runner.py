@@ -249,3 +249,25 @@ def test_each_stage_fits_on_its_own_view_of_the_data_and_the_run_s_is_unchanged(
     assert FITTED == [("teacher", 11, "flip", False), ("student", 4, "none", False)]
     (dm,) = built
     assert (dm.seed, dm.augment, dm.train_views) == (3, "none", False)
+
+
+def test_one_stage_record_for_a_trained_and_an_imported_stage():
+    """StageOutcome.meta is every stage's meta.json: the fields results.json reads, for both kinds of stage."""
+    from kdlab.pipeline.runner import OPTIONAL_STAGE_FIELDS, STAGE_FIELDS
+    from kdlab.pipeline.train import StageOutcome
+
+    teacher, student = build_stages(cfg(topology="direct", chain=["plain4", "plain2"]))
+    trained = StageOutcome(params=10, extra_params=3, epochs=2, best_epoch=1, val_acc=0.5, test_acc=0.4,
+                           test_acc_last=0.3, val_curve=[0.2, 0.5], train_seconds=1.5, samples_per_second=8.0,
+                           extra={"data_free": True, "test_acc_best_val": 0.4, "val_acc_best": 0.5}
+                           ).meta(student, {"seed": 0}, stage_seconds=2.0004)
+    imported = StageOutcome(params=10, val_acc=0.6, test_acc=0.7, test_acc_last=0.7, val_curve=[0.6],
+                            extra={"pretrained": True, "imported_from": "/w.pt"}).meta(teacher, {}, 1.0)
+    for meta in (trained, imported):
+        assert set(STAGE_FIELDS) <= set(meta)
+    assert {k: trained[k] for k in ("name", "sources", "epochs", "best_epoch", "stage_seconds")} == \
+        {"name": "student", "sources": ["teacher"], "epochs": 2, "best_epoch": 1, "stage_seconds": 2.0}
+    assert [k for k in trained if k in OPTIONAL_STAGE_FIELDS] == ["data_free", "test_acc_best_val", "val_acc_best"]
+    assert (imported["epochs"], imported["extra_params"], imported["train_seconds"], imported["best_epoch"],
+            imported["samples_per_second"], imported["sources"]) == (0, 0, 0.0, None, None, [])
+    assert list(imported)[-2:] == ["pretrained", "imported_from"] and imported["description"] == {}
