@@ -24,6 +24,7 @@ from kdlab.pipeline.assemble import build_stage_model, check_stages, count_param
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.environment import describe_environment
+from kdlab.pipeline.fidelity import stage_fidelity
 from kdlab.pipeline.lr_scaling import describe
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import import_checkpoint, import_pretrained, resume_point, train_stage
@@ -222,7 +223,10 @@ def run_stage(spec: StageSpec, done: dict[str, tuple[StageSpec, StageRecord]], c
                 record = import_pretrained(spec, key, ctx, description)
             else:
                 record, extra = train_stage(spec, key, sources, ctx, description, resume=plan["resume"])
-    return record, stage_result(spec, record, cached, extra, ctx.dm)
+    entry = stage_result(spec, record, cached, extra, ctx.dm)
+    if sync.leader:  # agreement with its sources and teacher, KL, ECE: from stored test-split outputs
+        entry.update(stage_fidelity(ctx, spec, record, done))
+    return record, entry
 
 
 def run_group(cfg: dict[str, Any], run_dir: Path) -> str:

@@ -26,6 +26,7 @@ from kdlab.pipeline.assemble import (
 )
 from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.fidelity import keep_test_outputs
 from kdlab.pipeline.loggers import build_loggers, finish_loggers
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord
@@ -85,10 +86,13 @@ class StageOutcome:
 
 
 def commit_stage(spec: StageSpec, key: str, ctx: RunContext, description: dict[str, Any], state: dict[str, Any],
-                 outcome: StageOutcome, t_stage: float) -> StageRecord:
-    """Store a finished stage (trained or imported): its weights ``state`` and its meta; ``t_stage``: when it
-    began (``time.perf_counter()``)."""
-    return ctx.store.commit(key, state, outcome.meta(spec, description, time.perf_counter() - t_stage))
+                 outcome: StageOutcome, t_stage: float, test_outputs: dict[str, torch.Tensor] | None
+                 ) -> StageRecord:
+    """Store a finished stage (trained or imported): its test-split outputs (for fidelity), its weights ``state``
+    and its meta; ``t_stage``: when it began (``time.perf_counter()``)."""
+    meta = outcome.meta(spec, description, time.perf_counter() - t_stage)
+    keep_test_outputs(ctx, key, test_outputs)  # before the marker: a done stage's outputs are its weights'
+    return ctx.store.commit(key, state, meta)
 
 
 def best_epoch_of(curve: list[float]) -> int | None:
@@ -151,6 +155,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         if trainer.interrupted:
             raise TrainingError(f"stage {spec.name!r} was interrupted")
         test_last = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
+        test_outputs = module.test_outputs  # the last epoch's; the best epoch's replace them below
         if not ckpt.best_model_path:
             raise TrainingError(f"stage {spec.name!r}: no validation accuracy was recorded "
                                 f"(is the validation split empty?)")
@@ -165,6 +170,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         else:
             module.model.load_state_dict(best_state)
             test_best = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
+            test_outputs = test_outputs if data_free else module.test_outputs  # those of the stored weights
         status = "success"
     finally:
         finish_loggers(loggers, status)
@@ -183,7 +189,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         outcome.val_acc, outcome.test_acc = (curve[-1] if curve else None), test_last
         outcome.extra = {"data_free": True, "test_acc_best_val": test_best, "val_acc_best": val_best}
         best_state = last_state
-    record = commit_stage(spec, key, ctx, description, best_state, outcome, t_stage)
+    record = commit_stage(spec, key, ctx, description, best_state, outcome, t_stage, test_outputs)
     csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
     return record, {"csv_log": str(csv_log) if csv_log is not None and csv_log.exists() else None}
 
@@ -221,4 +227,4 @@ def evaluate_and_commit(spec: StageSpec, key: str, ctx: RunContext, description:
     model.to(memory_format=torch.contiguous_format)  # stored in the default format, however it was evaluated
     outcome = StageOutcome(params=count_params(model), val_acc=val, test_acc=test, test_acc_last=test,
                            val_curve=[val], extra=extra_meta)
-    return commit_stage(spec, key, ctx, description, model.state_dict(), outcome, t_stage)
+    return commit_stage(spec, key, ctx, description, model.state_dict(), outcome, t_stage, module.test_outputs)
