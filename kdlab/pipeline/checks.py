@@ -54,7 +54,7 @@ def validate_distill_keys(cfg: dict[str, Any], specs: list[StageSpec]) -> None:
     from its default where no stage reads it, is bad input too."""
     top = cfg.get("distill") or {}
     chosen = strategy_class(top)
-    used = {s.name: strategy_class(s.distill) for s in specs}
+    used = {s.name: s.strategy_cls for s in specs}
     for key in top:
         if not any(key in c.accepted_keys() for c in (chosen, *used.values())):
             raise ConfigError(chosen.unread(key))
@@ -79,7 +79,7 @@ def _read_somewhere(given: dict[str, Any], where: str, strategy: type, specs: li
         if key in defaults and not isinstance(value, dict) and value != defaults[key] \
                 and not any(key in s.distill for s in specs):
             unless = (f"{strategy.name} reads it only with {where}.{strategy.read_when}" if strategy.read_when
-                      and any(strategy_class(s.distill) is strategy for s in specs)
+                      and any(s.strategy_cls is strategy for s in specs)
                       else "no stage of this pipeline reads it (a stage without sources learns from the labels)")
             raise ConfigError(f"{where}.{key}={value!r} is not read: {unless}")
 
