@@ -268,6 +268,12 @@ class Strategy(nn.Module):
 
     # -- what the stage must record -------------------------------------------------------------
     @classmethod
+    def with_model_taps(cls, cfg: dict[str, Any], student_arch: str, source_archs: list[str]) -> dict[str, Any]:
+        """``cfg`` with the feature points left ``null`` set for the stage's student and sources (their zoo
+        families' reference layers); called per stage before :meth:`own_config`. Methods without taps: ``cfg``."""
+        return cfg
+
+    @classmethod
     def taps(cls, cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
         """Feature points (student, sources) this strategy records, known before it is built."""
         return [], []

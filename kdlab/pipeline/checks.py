@@ -10,6 +10,7 @@ from kdlab.distill import SourceSelector
 from kdlab.distill.base import strategy_class
 from kdlab.errors import ConfigError, unknown_name
 from kdlab.models.factory import check_model_name
+from kdlab.models.released import released_arch
 from kdlab.pipeline.runtime import sources_channels_last
 from kdlab.pipeline.spec import StageSpec, build_stages, deep_merge
 
@@ -123,6 +124,10 @@ def validate_taps(stage: StageSpec, specs: list[StageSpec]) -> None:
             resolve_point(model, tap)
 
 
+RELEASED_HINT = ("the released teachers are mdistiller's cifar_teachers.tar (github.com/megvii-research/mdistiller/"
+                 "releases/tag/checkpoints), unpacked into paths.teachers_dir")
+
+
 def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
     """Checks that need the stage list: model names, epochs, learning rates, strategies, stochastic settings."""
     validate_run_settings(cfg)
@@ -134,7 +139,9 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
     for s in specs:
         check_model_name(s.arch)  # zoo names, generic patterns (wrn_22_8) and library models (timm/<name>)
         if isinstance(s.pretrained, str) and not Path(s.pretrained).expanduser().is_file():
-            raise ConfigError(f"model.pretrained {s.pretrained!r} (stage {s.name}) does not exist or is not a file")
+            hint = f"; {RELEASED_HINT}" if released_arch(s.pretrained) else ""
+            raise ConfigError(f"model.pretrained {s.pretrained!r} (stage {s.name}) does not exist or is not a file"
+                              f"{hint}")
         _positive(s.max_epochs, f"trainer.max_epochs (stage {s.name})", integer=True)
         lr = s.optimizer.get("lr")
         if lr is not None:

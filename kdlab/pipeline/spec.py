@@ -103,12 +103,30 @@ def with_library_options(model: dict[str, Any], where: str = "model") -> dict[st
     if pretrained is True or (isinstance(pretrained, str) and pretrained.strip()):
         out["pretrained"] = pretrained
     elif pretrained not in (None, False, ""):
-        raise ConfigError(f"{where}.pretrained must be true (the library's weights), a weights file path or "
-                          f"null, got {pretrained!r}")
+        raise ConfigError(f"{where}.pretrained must be true (the library's weights), a weights file path, released "
+                          f"(a zoo teacher's published CIFAR-100 weights) or null, got {pretrained!r}")
     preprocess = preprocess_setting(out.pop("preprocess", None), f"{where}.preprocess")
     if preprocess != "auto":
         out["preprocess"] = preprocess
     return out
+
+
+def with_released_teacher(model: dict[str, Any], cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``model`` with ``pretrained: released`` as the released CIFAR-100 teacher's file of its architecture under
+    ``paths.teachers_dir`` (:mod:`kdlab.models.released`); a released teacher's file named for another
+    architecture is a ConfigError."""
+    from kdlab.models.library import is_library_arch
+    from kdlab.models.released import check_released_file, released_teacher_file
+
+    pretrained = model.get("pretrained")
+    if not isinstance(pretrained, str) or is_library_arch(model.get("arch")):
+        return model
+    arch = str(model["arch"])
+    if pretrained == "released":
+        teachers_dir = (cfg.get("paths") or {}).get("teachers_dir")
+        return {**model, "pretrained": released_teacher_file(arch, teachers_dir, stage)}
+    check_released_file(arch, pretrained, stage)
+    return model
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
@@ -123,7 +141,11 @@ def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
     p = cfg["pipeline"]
     nodes = stage_graph(p, int(cfg.get("seed", 0)))
     overrides = stage_overrides(p, [node.name for node in nodes])
-    return [stage_spec(node, cfg, overrides.get(node.name) or {}) for node in nodes]
+    specs: list[StageSpec] = []
+    for node in nodes:  # a stage's sources come before it: their architectures are known
+        archs = {s.name: s.arch for s in specs}
+        specs.append(stage_spec(node, cfg, overrides.get(node.name) or {}, [archs[s] for s in node.sources]))
+    return specs
 
 
 def stage_overrides(p: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -140,17 +162,19 @@ def stage_overrides(p: dict[str, Any], names: list[str]) -> dict[str, dict[str, 
     return per_stage
 
 
-def stage_spec(node: StageNode, cfg: dict[str, Any], over: dict[str, Any]) -> StageSpec:
+def stage_spec(node: StageNode, cfg: dict[str, Any], over: dict[str, Any],
+               source_archs: list[str] | None = None) -> StageSpec:
     """One stage's spec: its graph node, the run's settings (``cfg``) and its own (``over``,
-    :func:`stage_overrides`) merged over them."""
+    :func:`stage_overrides`) merged over them; ``source_archs``: the architectures of its sources."""
     run_distill = cfg.get("distill") or {}
     stochastic = stage_stochastic(node, run_distill, over.get("distill"))
-    distill = stage_distill(node, run_distill, over.get("distill"))
+    model = with_released_teacher(stage_model(node, over.get("model")), cfg, node.name)
+    distill = stage_distill(node, run_distill, over.get("distill"), str(model["arch"]), list(source_archs or []))
     # optimizer.lr_scaling: the lr for this run's global batch (kdlab/pipeline/lr_scaling.py), hashed as such
     optimizer, scaling = scaled_optimizer(deep_merge(dict(cfg["optimizer"]), over.get("optimizer")), cfg)
     seed = int(over["seed"]) if over.get("seed") is not None else node.seed + int(over.get("seed_offset", 0))
     return StageSpec(
-        name=node.name, role=node.role, model=stage_model(node, over.get("model")), sources=list(node.sources),
+        name=node.name, role=node.role, model=model, sources=list(node.sources),
         distill=distill, optimizer=optimizer, extra={"lr_scaling": scaling} if scaling else {},
         scheduler=deep_merge(dict(cfg["scheduler"]), over.get("scheduler")),
         max_epochs=int(over.get("max_epochs", cfg["trainer"].get("max_epochs", 1))), seed=seed,
@@ -159,10 +183,12 @@ def stage_spec(node: StageNode, cfg: dict[str, Any], over: dict[str, Any]) -> St
     )
 
 
-def stage_distill(node: StageNode, run: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
+def stage_distill(node: StageNode, run: dict[str, Any], over: dict[str, Any] | None, arch: str = "",
+                  source_archs: list[str] | None = None) -> dict[str, Any]:
     """The stage's distill block: the run's ``distill`` with ``per_stage.<name>.distill`` merged over it, reduced to
-    the keys its strategy reads (``own_config``: what its store key hashes). A stage without sources learns from
-    labels (``ce``) unless its strategy teaches it with its own network (SPEQ)."""
+    the keys its strategy reads (``own_config``: what its store key hashes), its feature points left null set to
+    the reference layers of the student's (``arch``) and its sources' (``source_archs``) families. A stage without
+    sources learns from labels (``ce``) unless its strategy teaches it with its own network (SPEQ)."""
     merged = deep_merge({k: v for k, v in run.items() if k not in ("stochastic", "cache")}, over)
     merged.pop("stochastic", None)  # the stage's stochastic teaching: stage_stochastic
     merged.pop("cache", None)  # the run's: kdlab/pipeline/source_cache.py
@@ -175,6 +201,8 @@ def stage_distill(node: StageNode, run: dict[str, Any], over: dict[str, Any] | N
                           f"pipeline=single (or a stage without sources)")
     if not node.sources and not self_taught:  # a stage without sources learns from labels: ``ce``
         merged, cls = {**merged, "strategy": "ce"}, STRATEGIES.get("ce")
+    if node.sources:  # feature points left null: the reference layers of the student's and sources' families
+        merged = cls.with_model_taps(merged, arch, list(source_archs or []))
     return cls.own_config(merged)
 
 

@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from kdlab.errors import ConfigError, StoreError, TrainingError, warn
 from kdlab.models.library import load_pretrained, pretrained_state
+from kdlab.models.released import accuracy_warning
 from kdlab.modules import DistillModule
 from kdlab.modules.datafree import DataFreeModule
 from kdlab.pipeline.assemble import (
@@ -212,7 +213,12 @@ def import_pretrained(spec: StageSpec, key: str, ctx: RunContext, description: d
     state, _, where = pretrained_state(spec.arch, spec.pretrained, ctx.dm.in_channels)
     model = build_stage_model(spec, ctx.dm)
     load_pretrained(model, state, spec.arch, where, ctx.dm.num_classes)
-    return evaluate_and_commit(spec, key, ctx, description, model, {"pretrained": True, "imported_from": where})
+    record = evaluate_and_commit(spec, key, ctx, description, model, {"pretrained": True, "imported_from": where})
+    note = accuracy_warning(spec.arch, where, record.meta["test_acc"], ctx.dm.name, ctx.dm.test_size,
+                            ctx.dm.num_classes)  # a released teacher off its published accuracy
+    if note:
+        warn(note)
+    return record
 
 
 def evaluate_and_commit(spec: StageSpec, key: str, ctx: RunContext, description: dict[str, Any],

@@ -204,6 +204,15 @@ CASES = [
     Case("pretrained_wrong_arch", [*DIRECT[:1], "pipeline.chain=[timm/test_resnet,plain2]",
                                    "+pipeline.per_stage.teacher.model.pretrained={assets}/t6.pt"], 2,
          ["pretrained weights", "t6.pt", "do not match architecture 'timm/test_resnet'", "e.g. missing"]),
+    # released CIFAR-100 teachers (docs/models.md#released-teachers)
+    Case("released_teacher_other_arch", [*DIRECT[:1], "pipeline.chain=[resnet20,resnet8]",
+                                         ("+pipeline.per_stage.teacher.model.pretrained="
+                                          "{assets}/teachers/wrn_40_2_vanilla/ckpt_epoch_240.pth")], 2,
+         ["wrn_40_2_vanilla/ckpt_epoch_240.pth' (stage teacher) is the released wrn_40_2 teacher",
+          "the stage's model is 'resnet20'", "released teachers: resnet56", "resnet32x4", "vgg13"]),
+    Case("released_teacher_unknown_arch", [*DIRECT, "teacher=released"], 2,
+         ["model.pretrained=released (stage teacher): no released CIFAR-100 teacher for 'plain4'",
+          "released teachers: resnet56 (resnet56_vanilla/ckpt_epoch_240.pth)", "wrn_40_2"]),
     # output locations
     Case("store_dir_under_a_file", ["paths.store_dir={assets}/a_file/store"], 1,
          ["cannot create store directory", "a_file/store", "Not a directory"]),
@@ -244,6 +253,8 @@ def assets(tmp_path_factory) -> Path:
     data = (a / "good.pt").read_bytes()
     (a / "truncated.pt").write_bytes(data[: len(data) // 2])
     (a / "a_file").write_text("a file where a directory is expected\n")
+    (a / "teachers" / "wrn_40_2_vanilla").mkdir(parents=True)  # a released teacher's file (named, never read here)
+    torch.save({"epoch": 240, "model": {}}, a / "teachers" / "wrn_40_2_vanilla" / "ckpt_epoch_240.pth")
     (a / "bad_run").mkdir()
     (a / "bad_run" / "results.json").write_text('{"schema": 1, "status": "completed", "stages": [{"name": ')
     return a
