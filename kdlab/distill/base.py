@@ -200,11 +200,9 @@ class Strategy(nn.Module):
         opts = cls.options
         if "temperature" in opts:
             t = cfg.get("temperature", opts["temperature"])
-            try:
-                t_ok = float(t) > 0 and not isinstance(t, bool)
-            except (TypeError, ValueError):
-                t_ok = False
-            if not t_ok:
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise ConfigError(f"{where}.temperature must be a number > 0, got {t!r}, which is not a number")
+            if not t > 0:
                 raise ConfigError(f"{where}.temperature must be > 0, got {t!r}")
         for key in ("lam", "lam_end"):
             v = cfg.get(key)
