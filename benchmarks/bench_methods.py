@@ -16,7 +16,7 @@ from typing import Any
 import common
 from common import Options, figure
 
-#: the library's strategies and the settings the Fashion-MNIST study uses (conf/study/fashion_mnist.yaml)
+#: the library's strategies and the settings the Fashion-MNIST study uses (studies/fashion_mnist.yaml)
 METHODS: dict[str, list[str]] = {
     "kd": [], "dkd": ["distill.dkd.warmup=1"], "dist": [], "fitnet": [], "at": [], "sp": [], "pkt": [],
     "rkd": [], "crd": ["distill.crd.nce_k=4096"], "reviewkd": ["distill.reviewkd.warmup=1"],

@@ -41,6 +41,11 @@ def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> st
         group, _, name = missing.group(1).rpartition("/")
         block = text.split("Available options in", 1)[1].split("Config search path", 1)[0]
         options = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
+        top = group.split("/")[0]
+        folder = config_tree.CONF_DIR / top
+        if top and top != "hydra" and folder.is_dir():  # with a study's parts (+experiment=capacity_gap/...)
+            name = "/".join([*group.split("/")[1:], name])
+            group, options = top, sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
         return f"unknown {group or 'config'} {name!r}; known: {', '.join(options)}"
     bad = re.search(r"Could not override '([^']+)'", text)
     cause = re.search(r"full_key: (\S+)", str(e.__cause__ or ""))
@@ -107,6 +112,9 @@ def parse_command_line(argv: list[str]):
                 "--cfg to run the sweep") if set(given) == {"-m (--multirun)", "--cfg"} else ""
         raise ConfigError(f"{' and '.join(given)} cannot be combined (one of {', '.join(HYDRA_COMMANDS.values())})"
                           + hint)
+    if args.config_name not in (None, "config") and not (args.config_dir or args.config_path):
+        raise ConfigError(f"--config-name {args.config_name}: kdlab's config is conf/config.yaml; choose with "
+                          f"overrides (+experiment=<recipe>, pipeline=<name>, ...)")
     if args.resolve and args.cfg is None and not args.help:
         raise ConfigError("--resolve works only with --cfg (e.g. --cfg job --resolve)")
     return args
