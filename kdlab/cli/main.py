@@ -17,7 +17,7 @@ import re
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kdlab import config_tree
@@ -30,10 +30,10 @@ def _one_line(text: str) -> str:
     return "; ".join(lines) if lines else "invalid configuration"
 
 
-def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> str:
+def _explain(e: BaseException, node_of: Callable[[str], Mapping[str, Any] | None]) -> str:
     """Hydra's composition errors as one line naming the bad value and the accepted ones.
 
-    ``keys_of(parent)`` lists the keys of a config node (composed without the bad override), or None.
+    ``node_of(parent)`` is a config node (composed without the bad override), or None.
     """
     text = str(e)
     missing = re.search(r"Could not find '([^']+)'", text)
@@ -52,7 +52,13 @@ def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> st
     if bad:  # a key that does not exist (a typo, or a key of another data set)
         full = cause.group(1) if cause else bad.group(1)
         parent, _, leaf = full.rpartition(".")
-        known = keys_of(parent) or []
+        node = node_of(parent)
+        if parent == "distill" and node is not None:  # another method's key (distill=dkd distill.temperature=2)
+            from kdlab.distill import STRATEGIES
+
+            if str(node.get("strategy")) in STRATEGIES:
+                return STRATEGIES.get(str(node.get("strategy"))).unread(leaf)
+        known = sorted(str(k) for k in node) if node is not None else []
         close = difflib.get_close_matches(leaf, known, n=1)
         hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
         listed = f"; keys in {parent or 'the root config'}: {', '.join(known)}" if known else ""
@@ -192,13 +198,14 @@ def compose_checked(config_name: str, overrides: list[str]):
 
     from kdlab.errors import ConfigError
 
-    def keys_of(parent: str) -> list[str] | None:  # composed without the bad override, for the hint
+    def node_of(parent: str) -> Mapping[str, Any] | None:  # composed without the bad override, for the hint
         try:
             node, hydra_node = compose_checked(config_name, [o for o in overrides if "=" not in o or not
                                                              o.lstrip("+~").startswith(parent + ".")])
-            node = OmegaConf.select(hydra_node if parent.startswith("hydra") else node,
-                                    parent.partition(".")[2] if parent.startswith("hydra") else parent)
-            return sorted(str(k) for k in node) if hasattr(node, "keys") else None
+            if parent.startswith("hydra"):
+                node, parent = hydra_node, parent.partition(".")[2]
+            node = OmegaConf.select(node, parent) if parent else node
+            return node if hasattr(node, "keys") else None
         except Exception:  # noqa: BLE001 - only a hint
             return None
 
@@ -209,7 +216,7 @@ def compose_checked(config_name: str, overrides: list[str]):
     except Exception as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        raise ConfigError(_explain(e, keys_of)) from e
+        raise ConfigError(_explain(e, node_of)) from e
     finally:
         GlobalHydra.instance().clear()
     with open_dict(cfg):

@@ -24,6 +24,7 @@ from kdlab.pipeline.assemble import (
 )
 from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.fidelity import keep_test_outputs
 from kdlab.pipeline.loggers import build_loggers, finish_loggers
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord
@@ -107,6 +108,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         if trainer.interrupted:
             raise TrainingError(f"stage {spec.name!r} was interrupted")
         test_last = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+        test_outputs = module.test_outputs  # the last epoch's; the best epoch's replace them below
         if not ckpt.best_model_path:
             raise TrainingError(f"stage {spec.name!r}: no validation accuracy was recorded "
                                 f"(is the validation split empty?)")
@@ -121,6 +123,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         else:
             module.model.load_state_dict(best_state)
             test_best = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+            test_outputs = test_outputs if data_free else module.test_outputs  # those of the stored weights
         status = "success"
     finally:
         finish_loggers(loggers, status)
@@ -144,6 +147,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         meta.update(data_free=True, test_acc=test_last, test_acc_best_val=test_best, val_acc_best=meta["val_acc"],
                     val_acc=curve[-1] if curve else None)
         best_state = last_state
+    keep_test_outputs(ctx, key, test_outputs)  # before the marker: a done stage's outputs are its weights'
     record = ctx.store.commit(key, best_state, meta)
     csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
     return record, {"csv_log": str(csv_log) if csv_log is not None and csv_log.exists() else None}
@@ -171,6 +175,7 @@ def evaluate_and_commit(spec: StageSpec, key: str, ctx: RunContext, description:
     val = float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
     test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
     model.to(memory_format=torch.contiguous_format)  # stored in the default format, however it was evaluated
+    keep_test_outputs(ctx, key, module.test_outputs)
     meta = {"name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": [],
             "params": count_params(model), "extra_params": 0, "epochs": 0, "best_epoch": None,
             "val_acc": val, "test_acc": test, "test_acc_last": test, "train_seconds": 0.0,
