@@ -34,14 +34,21 @@ def test_every_option_of_a_group_is_a_choice_that_composes(group, check, capsys)
     capsys.readouterr()
 
 
-def test_the_pipelines_shared_keys_are_not_a_pipeline(check):
-    assert (CONF_DIR / "pipeline_base.yaml").is_file() and not (CONF_DIR / "pipeline" / "base.yaml").exists()
-    for path in (CONF_DIR / "pipeline").glob("*.yaml"):
-        assert "/pipeline_base@_here_" in OmegaConf.load(path).defaults, path.name
-    with pytest.raises(ConfigError, match=r"unknown pipeline 'base'; known: custom, data_free, dense"):
-        check("pipeline=base")
-    with pytest.raises(ConfigError, match="--config-name pipeline_base: kdlab's config is conf/config.yaml"):
-        check("--config-name", "pipeline_base")
+@pytest.mark.parametrize(("group", "known"), [("pipeline", "custom, data_free, dense"), ("distill", "at, crd, dafl")])
+def test_the_keys_a_group_shares_are_not_one_of_its_options(group, known, check):
+    """conf/<group>_base.yaml holds the keys every option of the group starts from; at the root of conf/ it
+    is no option (pipeline=base, distill=base are unknown), and no file in the group folder is anything but
+    an option (no shared folder inside it)."""
+    assert (CONF_DIR / f"{group}_base.yaml").is_file()
+    assert not [p for p in (CONF_DIR / group).iterdir() if p.is_dir() or p.stem == "base"]
+    for path in (CONF_DIR / group).glob("*.yaml"):
+        defaults = OmegaConf.load(path).get("defaults") or []
+        assert f"/{group}_base@_here_" in defaults or not set(map(str, defaults)) - {"_self_"} - {
+            p.stem for p in (CONF_DIR / group).glob("*.yaml")}, path.name  # or it extends another option
+    with pytest.raises(ConfigError, match=rf"unknown {group} 'base'; known: {known}"):
+        check(f"{group}=base")
+    with pytest.raises(ConfigError, match=f"--config-name {group}_base: kdlab's config is conf/config.yaml"):
+        check("--config-name", f"{group}_base")
 
 
 def test_the_studies_are_not_hydra_configs(check):

@@ -189,19 +189,34 @@ def sweep_plan(args) -> tuple[list[str], list[str], list[list[str]]]:
     return [o for o in slots if o is not None], sweeps, others
 
 
-def compose_checked(config_name: str, overrides: list[str]):
-    """(the job's config, Hydra's) as Hydra composes them for ``overrides``; a ConfigError with one line
-    naming the bad value and the accepted ones when Hydra cannot."""
+def _compose(config_name: str, overrides: list[str]):
+    """(the job's config, Hydra's) as Hydra composes them for ``overrides``; Hydra's exception if it cannot."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
+
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        hydra_cfg = cfg.pop("hydra")
+    return cfg, hydra_cfg
+
+
+def compose_checked(config_name: str, overrides: list[str]):
+    """:func:`_compose`, with a ConfigError of one line naming the bad value and the accepted ones when Hydra
+    cannot compose (its own message with HYDRA_FULL_ERROR=1)."""
+    from omegaconf import OmegaConf
 
     from kdlab.errors import ConfigError
 
     def node_of(parent: str) -> Mapping[str, Any] | None:  # composed without the bad override, for the hint
         try:
-            node, hydra_node = compose_checked(config_name, [o for o in overrides if "=" not in o or not
-                                                             o.lstrip("+~").startswith(parent + ".")])
+            node, hydra_node = _compose(config_name, [o for o in overrides if "=" not in o or not
+                                                      o.lstrip("+~").startswith(parent + ".")])
             if parent.startswith("hydra"):
                 node, parent = hydra_node, parent.partition(".")[2]
             node = OmegaConf.select(node, parent) if parent else node
@@ -210,18 +225,11 @@ def compose_checked(config_name: str, overrides: list[str]):
             return None
 
     try:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        return _compose(config_name, overrides)
     except Exception as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise ConfigError(_explain(e, node_of)) from e
-    finally:
-        GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        hydra_cfg = cfg.pop("hydra")
-    return cfg, hydra_cfg
 
 
 def _reads_model(pipeline: Any) -> bool:

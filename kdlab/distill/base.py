@@ -59,7 +59,7 @@ LossTerms = tuple[dict[str, torch.Tensor], dict[str, float]]
 
 
 SHARED_KEYS: tuple[str, ...] = ("strategy", "label_smoothing", "cache", "view_topk", "stochastic")
-"""The keys of ``conf/distill/shared/base.yaml``, accepted whatever the strategy: ``label_smoothing`` is read by
+"""The keys of ``conf/distill_base.yaml``, accepted whatever the strategy: ``label_smoothing`` is read by
 every stage's cross-entropy with the labels (a stage without sources, too: strategy ``ce``); the source-output
 cache, its views' top-k and stochastic teaching are the pipeline's, for any method."""
 
@@ -330,8 +330,8 @@ class BlockStrategy(Strategy):
 
 def strategy_class(cfg: dict[str, Any]) -> type[Strategy]:
     """The registered class of ``cfg["strategy"]`` (an unknown name is a ConfigError listing the known)."""
-    if cfg.get("strategy") == "???":  # conf/distill/shared/base.yaml chosen by itself: it is no method
-        raise ConfigError(f"distill.strategy is not set (conf/distill/shared/ is not a method); choose one: "
+    if cfg.get("strategy") == "???":  # a distill config that names no strategy (conf/distill_base.yaml's)
+        raise ConfigError(f"distill.strategy is not set (a distill config names its strategy); choose one: "
                           f"distill=<name>, {', '.join(STRATEGIES.names())} (ce: distill=none)")
     return STRATEGIES.get(str(cfg.get("strategy", "kd")))
 
