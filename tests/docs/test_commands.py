@@ -8,7 +8,7 @@ first combination, as the CLI checks it, and in each other option of a config gr
 (``kdlab.compare``, ``kdlab.study``, ``kdlab.export``, ``kdlab.zoo``) go through their own argument parsers,
 and the study's name and parts through its loader. What depends on the reader's machine (their data, their
 SLURM cluster, their output directory) is not checked; the placeholders for their own paths are listed in
-:data:`tests.docs.commands.PLACEHOLDERS`. A renamed key, recipe, group option or flag fails this test.
+:data:`tests.helpers.doc_commands.PLACEHOLDERS`. A renamed key, recipe, group option or flag fails this test.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs.commands import PAGES, PLACEHOLDERS, Command, _split, all_commands, commands_of
+from tests.helpers.doc_commands import PAGES, PLACEHOLDERS, Command, _split, all_commands, commands_of
 
 TOOLS = ("kdlab", "kdlab.compare", "kdlab.study", "kdlab.export", "kdlab.zoo")
 #: optional libraries a page tells the reader to install before its command (docs/wandb.md: pip install mlflow)
