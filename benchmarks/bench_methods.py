@@ -16,7 +16,7 @@ from typing import Any
 import common
 from common import Options, figure
 
-#: the settings the Fashion-MNIST study uses for some methods (conf/study/fashion_mnist.yaml); the others run
+#: the settings the Fashion-MNIST study uses for some methods (studies/fashion_mnist.yaml); the others run
 #: with their YAML's defaults
 SETTINGS: dict[str, list[str]] = {
     "dkd": ["distill.dkd.warmup=1"], "crd": ["distill.crd.nce_k=4096"], "reviewkd": ["distill.reviewkd.warmup=1"],

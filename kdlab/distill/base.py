@@ -59,7 +59,7 @@ LossTerms = tuple[dict[str, torch.Tensor], dict[str, float]]
 
 
 SHARED_KEYS: tuple[str, ...] = ("strategy", "label_smoothing", "cache", "view_topk", "stochastic")
-"""The keys of ``conf/distill/shared/base.yaml``, accepted whatever the strategy: ``label_smoothing`` is read by
+"""The keys of ``conf/distill_base.yaml``, accepted whatever the strategy: ``label_smoothing`` is read by
 every stage's cross-entropy with the labels (a stage without sources, too: strategy ``ce``); the source-output
 cache, its views' top-k and stochastic teaching are the pipeline's, for any method."""
 
@@ -243,11 +243,9 @@ class Strategy(nn.Module):
         opts = cls.options
         if "temperature" in opts:
             t = cfg.get("temperature", opts["temperature"])
-            try:
-                t_ok = float(t) > 0 and not isinstance(t, bool)
-            except (TypeError, ValueError):
-                t_ok = False
-            if not t_ok:
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise ConfigError(f"{where}.temperature must be a number > 0, got {t!r}, which is not a number")
+            if not t > 0:
                 raise ConfigError(f"{where}.temperature must be > 0, got {t!r}")
         for key in ("lam", "lam_end"):
             v = cfg.get(key)
@@ -338,8 +336,8 @@ class BlockStrategy(Strategy):
 
 def strategy_class(cfg: dict[str, Any]) -> type[Strategy]:
     """The registered class of ``cfg["strategy"]`` (an unknown name is a ConfigError listing the known)."""
-    if cfg.get("strategy") == "???":  # conf/distill/shared/base.yaml chosen by itself: it is no method
-        raise ConfigError(f"distill.strategy is not set (conf/distill/shared/ is not a method); choose one: "
+    if cfg.get("strategy") == "???":  # a distill config that names no strategy (conf/distill_base.yaml's)
+        raise ConfigError(f"distill.strategy is not set (a distill config names its strategy); choose one: "
                           f"distill=<name>, {', '.join(STRATEGIES.names())} (ce: distill=none)")
     return STRATEGIES.get(str(cfg.get("strategy", "kd")))
 

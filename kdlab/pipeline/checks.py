@@ -11,6 +11,7 @@ from kdlab.distill.base import strategy_class
 from kdlab.errors import ConfigError, unknown_name
 from kdlab.models.factory import check_model_name
 from kdlab.models.released import released_arch
+from kdlab.pipeline.loggers import check_loggers
 from kdlab.pipeline.runtime import sources_channels_last
 from kdlab.pipeline.spec import StageSpec, build_stages, deep_merge
 
@@ -97,6 +98,7 @@ def validate_run_settings(cfg: dict[str, Any]) -> None:
     if on_nan not in ON_NAN:
         raise unknown_name("on_nan", on_nan, ON_NAN)
     sources_channels_last(cfg, torch.device("cpu"))  # speed.sources_channels_last: auto | true | false
+    check_loggers(cfg.get("logger"))  # before any data loads: a logger is built only when its stage starts
     ckpt = (cfg.get("pipeline") or {}).get("teacher_checkpoint")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"pipeline.teacher_checkpoint {str(ckpt)!r} does not exist or is not a file")

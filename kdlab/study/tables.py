@@ -84,7 +84,7 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
         lines += ["", "Paired: runs of two experiments with the same seed (same data order, same student "
                   "initialisation); Δ = mean difference of the student's best-on-val test accuracy (data-free: last "
                   "epoch), 95 % Student-t interval over the pairs; `better` / `worse` only when the interval "
-                  "excludes 0 (`python -m kdlab.compare --baseline / --pairs`)."
+                  "excludes 0 (`--baseline` and `--pairs` of `python -m kdlab.compare`)."
                   + "".join(f" {r['group'].split('=', 1)[-1]} vs {r['baseline'].split('=', 1)[-1]}: {paired_cell(r)}."
                             for r in others)]
     if fidelity:

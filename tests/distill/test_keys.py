@@ -209,8 +209,10 @@ def recipes() -> dict[str, list[str]]:
     composes them."""
     from omegaconf import OmegaConf
 
-    out = {f"experiment={p.stem}": [f"+experiment={p.stem}"] for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml"))}
-    for p in sorted((ROOT / "conf" / "study").glob("*.yaml")):
+    from kdlab.config_tree import STUDY_DIR, experiment_names
+
+    out = {f"experiment={name}": [f"+experiment={name}"] for name in experiment_names()}
+    for p in sorted(STUDY_DIR.glob("*.yaml")):
         study = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
         for i, sweep in enumerate(study["sweeps"]):
             extra = [*sweep.get("overrides", []), *study.get("overrides", [])]

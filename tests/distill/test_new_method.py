@@ -56,7 +56,7 @@ class Toy(BlockStrategy):
 ''',
     "conf/distill/toy.yaml": '''# TOY: L = CE + weight * T^2 * mean_c (softmax(z_s / T) - softmax(z_t / T))^2 (kdlab/distill/toy.py).
 defaults:
-  - shared/base@_here_
+  - /distill_base@_here_
   - _self_
 strategy: toy
 toy:

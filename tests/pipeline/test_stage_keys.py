@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.config_tree import STUDY_DIR, experiment_names
 from tests.helpers.cli import ROOT
 from tests.helpers.config import compose_config, stage_keys
 
@@ -31,14 +32,15 @@ def cases() -> dict[str, list[str]]:
     from omegaconf import OmegaConf
 
     out: dict[str, list[str]] = {"default": []}
-    for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
-        out[f"experiment={p.stem}"] = [f"+experiment={p.stem}"]
-    for p in sorted((ROOT / "conf" / "study").glob("*.yaml")):
+    for name in experiment_names():  # a study's part: capacity_gap/gap_kd_fashion_mnist
+        out[f"experiment={name}"] = [f"+experiment={name}"]
+    for p in sorted(STUDY_DIR.glob("*.yaml")):
         study = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
         for i, sweep in enumerate(study["sweeps"]):
             extra = [o for o in [*sweep.get("overrides", []), *study.get("overrides", [])] if not o.startswith("logger=")]
-            for e in sweep["experiments"]:
-                out[f"study={p.stem}/{i}/{e}"] = [f"+experiment={e}", f"seed={study['seeds'][0]}", *extra]
+            for e in sweep["experiments"]:  # named by the recipe's stem, its name in the study's tables
+                out[f"study={p.stem}/{i}/{e.rsplit('/', 1)[-1]}"] = [f"+experiment={e}", f"seed={study['seeds'][0]}",
+                                                                     *extra]
     for p in sorted((ROOT / "conf" / "distill").glob("*.yaml")):
         if p.stem not in ("none", "dafl", "speq"):  # dafl / speq need their own pipelines (their recipes cover them)
             out[f"distill={p.stem}"] = [f"distill={p.stem}"]

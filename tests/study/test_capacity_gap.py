@@ -41,13 +41,13 @@ def test_per_stage_augment_is_the_stages_own_and_changes_only_its_fingerprint():
 
 
 def test_per_stage_augment_reaches_the_teacher_spec_only(compose):
-    cfg = compose("+experiment=gap_takd_fashion_mnist", "gap.width=0.25")
+    cfg = compose("+experiment=capacity_gap/gap_takd_fashion_mnist", "gap.width=0.25")
     specs = build_stages(cfg)
     assert [(s.name, s.augment, s.seed) for s in specs] == [("teacher", "crop_flip", 0), ("ta1", None, 0),
                                                              ("ta2", None, 0), ("student", None, 0)]
     assert specs[-1].model["kwargs"] == {"width_mult": 0.25} and specs[0].max_epochs == 12
     assert [s.max_epochs for s in specs[1:]] == [5, 5, 5]
-    cfg = compose("+experiment=gap_sdgkd_fashion_mnist", "gap.width=0.0625", "seed=3")
+    cfg = compose("+experiment=capacity_gap/gap_sdgkd_fashion_mnist", "gap.width=0.0625", "seed=3")
     specs = build_stages(cfg)
     assert specs[-1].stochastic["mode"] == "drop_k" and specs[-1].sources == ["teacher", "ta1", "ta2"]
     assert [s.seed for s in specs] == [0, 0, 0, 3]  # teacher and TAs pinned, the student has the run's seed
@@ -127,7 +127,9 @@ def test_the_capacity_gap_study_config_loads_with_its_figure_and_own_readme_bloc
     assert study_config.docs_dir(cfg) == ROOT / "docs" / "results" / "capacity_gap"
     widths = [next(o for o in s["overrides"] if o.startswith("++gap.width=")) for s in cfg["sweeps"]]
     assert len(set(widths)) == 3
-    methods = {e for s in cfg["sweeps"] for e in s["experiments"]}
+    parts = {e for s in cfg["sweeps"] for e in s["experiments"]}  # the study's own recipes, in its folder
+    assert all(e.startswith("capacity_gap/") for e in parts), parts
+    methods = {study_config.row_name([], e) for e in parts}  # named by their stems in the tables
     assert set(cfg["gain_vs_gap"]["methods"]) | {cfg["gain_vs_gap"]["baseline"]} == methods
     readme = (ROOT / "README.md").read_text()
     assert all(m in readme for m in study_tables.markers("capacity-gap"))
@@ -142,8 +144,10 @@ def test_tiny_capacity_gap_study_end_to_end(tmp_path):
         "gain_vs_gap: {baseline: gap_alone_fashion_mnist, methods: [gap_kd_fashion_mnist], labels: {gap_kd_fashion_mnist: KD}}\n"
         "parts:\n  wide: {baseline: gap_alone_fashion_mnist, title: Wide}\n  thin: {baseline: gap_alone_fashion_mnist, title: Thin}\n"
         "sweeps:\n"
-        "  - {part: wide, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [++gap.width=0.5]}\n"
-        "  - {part: thin, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [++gap.width=0.125]}\n")
+        "  - {part: wide, experiments: [capacity_gap/gap_alone_fashion_mnist, capacity_gap/gap_kd_fashion_mnist],"
+        " overrides: [++gap.width=0.5]}\n"
+        "  - {part: thin, experiments: [capacity_gap/gap_alone_fashion_mnist, capacity_gap/gap_kd_fashion_mnist],"
+        " overrides: [++gap.width=0.125]}\n")
     out = tmp_path / "results"
     r = run_study(str(spec), "--root", str(tmp_path / "root"), "--out", str(out), "--",
                   "data=synthetic", "data.n_train=320", "data.n_test=100", "trainer.max_epochs=1",

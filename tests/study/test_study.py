@@ -51,6 +51,8 @@ def test_a_sweep_renaming_its_experiment_gets_its_command_and_place_in_the_table
     """The library part runs one recipe under many experiment_name= overrides: each row is one of them."""
     assert study_config.row_name(["distill=dkd", "experiment_name=lib_dkd"], "library_fashion_mnist") == "lib_dkd"
     assert study_config.row_name(["distill=dkd"], "library_fashion_mnist") == "library_fashion_mnist"
+    # a study's own part (conf/experiment/<study>/) is named by its stem, its experiment_name
+    assert study_config.row_name([], "fashion_mnist/library_fashion_mnist") == "library_fashion_mnist"
     spec = study_config.load_study("fashion_mnist")
     library = [s for s in spec["sweeps"] if s["part"] == "library"]
     names = [study_config.row_name(s.get("overrides", []), e) for s in library for e in s["experiments"]]
