@@ -38,6 +38,15 @@ def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> st
         block = text.split("Available options in", 1)[1].split("Config search path", 1)[0]
         options = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
         return f"unknown {group or 'config'} {name!r}; known: {', '.join(options)}"
+    entry = re.search(r"Interpolation key '([^']+)' not found", text)
+    if entry:  # pair=nope in a recipe whose values come from ${pairs.${pair}.chain}
+        parts = entry.group(1).split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            known = keys_of(".".join(parts[:i]))
+            if known is not None and parts[i] not in known:
+                parent = parts[i - 1]
+                kind = parent[:-1] if parent.endswith("s") else parent
+                return f"unknown {kind} {parts[i]!r}; known: {', '.join(known)}"
     bad = re.search(r"Could not override '([^']+)'", text)
     cause = re.search(r"full_key: (\S+)", str(e.__cause__ or ""))
     if bad:  # a key that does not exist (a typo, or a key of another data set)
@@ -114,6 +123,9 @@ def preflight(argv: list[str]) -> None:
         debug = bool(cfg.get("debug"))
         plain = OmegaConf.to_container(cfg, resolve=True)
         validate_config(plain)
+        from kdlab.pipeline.protocol import check_sweeper
+
+        check_sweeper(plain, next((ov.value() for ov in parsed if ov.key_or_group == "hparams_search"), None))
         run_dirs = [ov.value() for ov in parsed if ov.key_or_group == f"hydra.{'sweep' if args.multirun else 'run'}.dir"]
         check_output_dir(str(run_dirs[-1]) if run_dirs else str((plain.get("paths") or {}).get("output_dir", ".")))
     except KdlabError as e:

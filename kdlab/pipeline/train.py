@@ -25,6 +25,7 @@ from kdlab.pipeline.assemble import (
 from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.loggers import build_loggers, finish_loggers
+from kdlab.pipeline.protocol import accuracy_fields, eval_names, evaluates_on_test, fit_data, stage_keep
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord
 from kdlab.store.fileio import load_weights
@@ -71,8 +72,10 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     if speed.get("compile"):
         module.model.compile()
     work = ctx.store.work_dir(key)
-    ckpt = ModelCheckpoint(dirpath=str(work), filename="best", monitor="val/acc", mode="max", save_last=True,
-                           save_top_k=1, enable_version_counter=False)
+    # the per-epoch evaluation: on the validation split, or on the test split without one (kdlab/pipeline/protocol.py)
+    module.eval_names, on_test, keep = eval_names(ctx.dm), evaluates_on_test(ctx.dm), stage_keep(ctx.cfg, spec)
+    ckpt = ModelCheckpoint(dirpath=str(work), filename="best", monitor=module.eval_names["acc"], mode="max",
+                           save_last=True, save_top_k=1, enable_version_counter=False)
     callbacks = [ckpt, *build_callbacks(ctx.cfg.get("callbacks"))]  # progress: Lightning's bar is rank 0's
     stage_info = {"name": spec.name, "role": spec.role, "arch": spec.arch, "method": ctx.method,
                   "dataset": ctx.dataset}
@@ -98,7 +101,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     status = "failed"
     try:
         try:
-            trainer.fit(module, datamodule=module.fit_data(ctx.dm) if data_free else ctx.dm, ckpt_path=resume,
+            data = fit_data(ctx.dm)
+            trainer.fit(module, datamodule=module.fit_data(data) if data_free else data, ckpt_path=resume,
                         weights_only=True)
         except OSError as e:  # e.g. a full disk while writing work/*.ckpt: the stage stays not done
             raise StoreError(f"stage {spec.name!r}: cannot write its checkpoints to {str(work)!r}: "
@@ -108,15 +112,17 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
             raise TrainingError(f"stage {spec.name!r} was interrupted")
         test_last = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
         if not ckpt.best_model_path:
-            raise TrainingError(f"stage {spec.name!r}: no validation accuracy was recorded "
-                                f"(is the validation split empty?)")
+            raise TrainingError(f"stage {spec.name!r}: no per-epoch accuracy ({module.eval_names['acc']}) was "
+                                f"recorded")
         best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint", error=StoreError))
         trainer.strategy.barrier("kdlab-best-read")  # DDP: every rank has read it before rank 0 drops work/
-        # a data-free stage stores its last epoch (taken before the best checkpoint's weights are loaded)
+        # the last epoch's weights, taken before the best checkpoint's are loaded (kept with keep=last)
         last_state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()} \
-            if data_free else None
+            if keep == "last" else None
         curve = list(module.val_curve)
-        if curve and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1:
+        if on_test:
+            test_best = None  # the curve is the test split's own: its best is read from it, never chosen on
+        elif curve and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1:
             test_best = test_last  # the best epoch is the last one: same weights, no second test pass
         else:
             module.model.load_state_dict(best_state)
@@ -129,22 +135,19 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         if data_free:
             module.close()
     curve = list(module.val_curve)
-    best_epoch = int(max(range(len(curve)), key=lambda i: (curve[i], -i))) if curve else None
+    best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
     meta = {
         "name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": spec.sources,
-        "params": params, "extra_params": extra, "epochs": spec.max_epochs, "best_epoch": best_epoch,
-        "val_acc": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
-        "test_acc": test_best, "test_acc_last": test_last, "train_seconds": round(train_seconds, 3),
+        "params": params, "extra_params": extra, "epochs": spec.max_epochs,
+        # best_epoch, val_acc, test_acc, test_acc_last, the curve, what the stage kept (kdlab/pipeline/protocol.py)
+        **accuracy_fields(curve, on_test, keep, data_free, best_score, test_best, test_last),
+        "train_seconds": round(train_seconds, 3),
         "samples_per_second": round(module.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
-        "val_curve": curve, "description": description,
+        "description": description,
         # the whole stage: model and sources built, caches loaded, fit, test passes (not the commit)
         "stage_seconds": round(time.perf_counter() - t_stage, 3),
     }
-    if data_free:  # choosing an epoch on real validation data uses data: the last epoch is the result
-        meta.update(data_free=True, test_acc=test_last, test_acc_best_val=test_best, val_acc_best=meta["val_acc"],
-                    val_acc=curve[-1] if curve else None)
-        best_state = last_state
-    record = ctx.store.commit(key, best_state, meta)
+    record = ctx.store.commit(key, last_state if keep == "last" else best_state, meta)
     csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
     return record, {"csv_log": str(csv_log) if csv_log is not None and csv_log.exists() else None}
 
@@ -168,13 +171,14 @@ def evaluate_and_commit(spec: StageSpec, key: str, ctx: RunContext, description:
     module = build_module(spec, model, {}, ctx, frozen=True)
     trainer = make_trainer(ctx, spec, max_epochs=1, logger=False, enable_progress_bar=False,
                            enable_checkpointing=False)
-    val = float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
+    val = None if evaluates_on_test(ctx.dm) else \
+        float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
     test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
     model.to(memory_format=torch.contiguous_format)  # stored in the default format, however it was evaluated
     meta = {"name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": [],
             "params": count_params(model), "extra_params": 0, "epochs": 0, "best_epoch": None,
             "val_acc": val, "test_acc": test, "test_acc_last": test, "train_seconds": 0.0,
-            "samples_per_second": None, "val_curve": [val], "description": description,
+            "samples_per_second": None, "val_curve": None if val is None else [val], "description": description,
             "stage_seconds": round(time.perf_counter() - t_stage, 3), **extra_meta}
     return ctx.store.commit(key, model.state_dict(), meta)
 
