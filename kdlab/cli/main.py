@@ -45,7 +45,7 @@ def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> st
             known = keys_of(".".join(parts[:i]))
             if known is not None and parts[i] not in known:
                 parent = parts[i - 1]
-                kind = parent[:-1] if parent.endswith("s") else parent
+                kind = parent.removesuffix("s")
                 return f"unknown {kind} {parts[i]!r}; known: {', '.join(known)}"
     bad = re.search(r"Could not override '([^']+)'", text)
     cause = re.search(r"full_key: (\S+)", str(e.__cause__ or ""))

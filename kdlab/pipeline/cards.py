@@ -159,6 +159,8 @@ def normalization(cfg: dict[str, Any]) -> dict[str, list[float]]:
     mean, std = tuple(getattr(cls, "default_mean", ())), tuple(getattr(cls, "default_std", ()))
     if not mean and data.get("name") == "imagefolder":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if not mean:  # computed from the data when it loads (synthetic)
+        return {"mean": "the data's own", "std": "the data's own"}
     return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
