@@ -121,6 +121,18 @@ CASES = [
          ["distill=speq: stage 'student' has no quantized activations", "model.quant.act_bits"]),
     Case("speq_bad_bits", ["pipeline=single", "model=resnet8", "model.quant.act_bits=4", "distill=speq",
                            "distill.speq.bits=[4,40]"], 2, ["distill.speq.bits entries", "2..16", "got 40"]),
+    # protocols (kdlab/pipeline/protocol.py) and reference cards (kdlab/pipeline/cards.py)
+    Case("unknown_protocol", ["protocol=paper"], 2, ["unknown protocol 'paper'", "known:", "heldout", "reference"],
+         exec=True),
+    Case("unknown_keep", ["protocol.keep=often"], 2, ["unknown protocol.keep 'often'", "best_on_test", "last"]),
+    Case("heldout_keeps_best_on_test", [*DIRECT, "+pipeline.per_stage.teacher.keep=best_on_test"], 2,
+         ["protocol=heldout never chooses on the test split", "pipeline.per_stage.teacher.keep=best_on_test"]),
+    Case("no_validation_split_under_heldout", ["data.val_split=0"], 2,
+         ["keeps its best epoch on the validation split", "data.val_split=0", "keep=last", "protocol=reference"]),
+    Case("reference_without_card", ["+experiment=kd_fashion_mnist", "protocol=reference"], 2,
+         ["experiment 'kd_fashion_mnist' has no reference card", "recipes with one:", "dkd_cifar100"]),
+    Case("unknown_pair", ["+experiment=dkd_cifar100", "pair=resnet32x4-resnet9"], 2,
+         ["unknown pair 'resnet32x4-resnet9'", "known:", "resnet32x4-shufflev2", "wrn_40_2-wrn_16_2"]),
     # training settings
     Case("epochs_zero", ["trainer.max_epochs=0"], 2, ["trainer.max_epochs", "positive integer", "got 0"]),
     Case("epochs_negative", ["trainer.max_epochs=-1"], 2, ["trainer.max_epochs", "got -1"]),
