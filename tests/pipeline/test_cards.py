@@ -155,3 +155,23 @@ def test_resolve_reads_config_paths_stage_values_and_the_normalization():
 def test_same_compares_numbers_to_rounding_and_never_bools_as_numbers():
     assert same(240, 240.0) and same({0: 0.05, 150: 0.005}, {"0": 0.05, "150": 0.005000000000000001})
     assert not same(True, 1) and not same(0, False) and not same([1, 2], [1, 2, 3]) and same(None, None)
+
+
+def test_docs_show_every_card_as_it_is():
+    """docs/experiments.md's card tables are `python -m kdlab.cards --docs` of the cards as they are."""
+    from kdlab.cards import BEGIN, DOCS, END, docs_markdown
+
+    shown = DOCS.read_text(encoding="utf-8").split(BEGIN, 1)[1].split(END, 1)[0]
+    assert shown == "\n" + docs_markdown(lambda r, p, proto, over: composed(r, p, proto)), \
+        "docs/experiments.md is stale: python -m kdlab.cards --docs"
+
+
+def test_the_reference_command_sets_the_authors_seeds():
+    from kdlab.cards import command
+
+    cmd = command(load_card("takd_cifar100_resnet"))
+    assert cmd.endswith("protocol=reference ++pipeline.per_stage.ta1.seed=55 ++pipeline.per_stage.student.seed=31")
+    cfg = compose_config(*cmd.split()[3:])  # the command composes, and sets those seeds
+    assert {s.name: s.seed for s in build_stages(cfg)} == {"teacher": 0, "ta1": 55, "student": 31}
+    assert command(load_card("dgkd_cifar100")).endswith("protocol=reference seed=20")
+    assert command(load_card("dkd_cifar100")).endswith("protocol=reference")
