@@ -51,7 +51,7 @@ def compose(recipe: str, pair: str | None, protocol: str, overrides: Sequence[st
             cfg = hydra_compose(config_name="config", overrides=[f"+experiment={recipe}", f"protocol={protocol}",
                                                                  *([f"pair={pair}"] if pair else []), *overrides])
         return OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # noqa: BLE001 - Hydra's composition errors: one line
+    except Exception as e:  # Hydra's composition errors: one line
         raise ConfigError(f"cannot compose +experiment={recipe} protocol={protocol}: {str(e).splitlines()[0]}") from e
     finally:
         GlobalHydra.instance().clear()
@@ -122,8 +122,8 @@ def card_markdown(recipe: str, composer: Compose = compose) -> str:
     reported = card["reported"]
     lines += ["", f"The reference's number: `{reported['value']}` ({reported['source']})." if reported["value"]
               else f"The reference's number: not stated ({reported['source']}).",
-              f"Seeds: {fmt(card['seeds']['value']) if card['seeds']['value'] is not None else 'not set'} "
-              f"({card['seeds']['source']}). The reference run: `{command(card)}`", ""]
+              (f"Seeds: {fmt(card['seeds']['value']) if card['seeds']['value'] is not None else 'not set'} "
+               f"({card['seeds']['source']}). The reference run: `{command(card)}`"), ""]
     for p in card.get("published") or []:
         what = ", ".join(f"{k} {fmt(v)}" for k, v in p.items() if k != "source")
         lines.append(f"- published: {what} ({p['source']})")
