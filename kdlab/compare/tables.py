@@ -96,8 +96,8 @@ def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None =
 
 
 STABILITY_NOTE = ("student's final (best-on-val; a data-free student's: last epoch) test accuracy over runs; "
-                  "fluctuation = mean |Δ val acc| between consecutive epochs over the last {k} epochs, in "
-                  "percentage points, averaged over runs")
+                  "fluctuation = mean |Δ val acc| between consecutive epochs over the last {k} epochs (protocol "
+                  "reference: of the test curve), in percentage points, averaged over runs")
 STAGES_NOTE = "test accuracy of every stage, mean ± std over runs"
 
 

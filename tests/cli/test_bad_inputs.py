@@ -129,6 +129,8 @@ CASES = [
          ["protocol=heldout never chooses on the test split", "pipeline.per_stage.teacher.keep=best_on_test"]),
     Case("no_validation_split_under_heldout", ["data.val_split=0"], 2,
          ["keeps its best epoch on the validation split", "data.val_split=0", "keep=last", "protocol=reference"]),
+    Case("optuna_without_validation_split", ["data.val_split=0", "protocol.keep=last", "hparams_search=dgkd_optuna"],
+         2, ["hparams_search=dgkd_optuna maximizes the final stage's best val_acc", "data.val_split=0"]),
     Case("reference_without_card", ["+experiment=kd_fashion_mnist", "protocol=reference"], 2,
          ["experiment 'kd_fashion_mnist' has no reference card", "recipes with one:", "dkd_cifar100"]),
     Case("unknown_pair", ["+experiment=dkd_cifar100", "pair=resnet32x4-resnet9"], 2,

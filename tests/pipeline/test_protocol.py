@@ -167,3 +167,22 @@ def test_reference_run_end_to_end(tmp_path):
         assert s["kept"] == "last" and s["kept_epoch"] == len(s["test_curve"]) - 1
         meta = json.loads((Path(s["checkpoint"]).parent / "meta.json").read_text())
         assert _test_accuracy(Path(s["checkpoint"]), meta, data_cfg) == pytest.approx(s["test_acc_last"], abs=1e-6)
+
+
+@pytest.mark.slow  # a two-stage CLI run (~15 s)
+def test_an_imported_teacher_without_a_validation_split(tmp_path):
+    """data.val_split=0 keep=last under the default protocol (no card needed): the whole training split, the
+    imported teacher evaluated on the test split alone, nothing chosen on it."""
+    from kdlab.models import build_model
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_model("plain4", num_classes=10, in_channels=1, input_size=28).state_dict(), teacher)
+    r = run_kdlab(["pipeline=direct", "pipeline.chain=[plain4,plain2]", "data.val_split=0", "protocol.keep=last",
+                   f"pipeline.teacher_checkpoint={teacher}"], tmp_path / "out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = read_results(tmp_path / "run")
+    assert res["protocol"] == "heldout" and res["reference"] is None
+    imported, student = res["stages"]
+    assert imported["val_acc"] is None and imported["kept"] is None and imported["epochs"] == 0
+    assert student["kept"] == "last" and student["test_acc"] == student["test_acc_last"]
+    assert student["test_acc_best_on_test"] == pytest.approx(max(student["test_curve"]))
