@@ -15,7 +15,8 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from kdlab.cli.hydra_app import CONF_DIR, STATE, report
 
@@ -26,10 +27,10 @@ def _one_line(text: str) -> str:
     return "; ".join(lines) if lines else "invalid configuration"
 
 
-def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> str:
+def _explain(e: BaseException, node_of: Callable[[str], Mapping[str, Any] | None]) -> str:
     """Hydra's composition errors as one line naming the bad value and the accepted ones.
 
-    ``keys_of(parent)`` lists the keys of a config node (composed without the bad override), or None.
+    ``node_of(parent)`` is a config node (composed without the bad override), or None.
     """
     text = str(e)
     missing = re.search(r"Could not find '([^']+)'", text)
@@ -42,7 +43,8 @@ def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> st
     if entry:  # pair=nope in a recipe whose values come from ${pairs.${pair}.chain}
         parts = entry.group(1).split(".")
         for i in range(len(parts) - 1, 0, -1):
-            known = keys_of(".".join(parts[:i]))
+            node = node_of(".".join(parts[:i]))
+            known = sorted(str(k) for k in node) if node is not None else None
             if known is not None and parts[i] not in known:
                 parent = parts[i - 1]
                 kind = parent.removesuffix("s")
@@ -52,7 +54,13 @@ def _explain(e: BaseException, keys_of: Callable[[str], list[str] | None]) -> st
     if bad:  # a key that does not exist (a typo, or a key of another data set)
         full = cause.group(1) if cause else bad.group(1)
         parent, _, leaf = full.rpartition(".")
-        known = keys_of(parent) or []
+        node = node_of(parent)
+        if parent == "distill" and node is not None:  # another method's key (distill=dkd distill.temperature=2)
+            from kdlab.distill import STRATEGIES
+
+            if str(node.get("strategy")) in STRATEGIES:
+                return STRATEGIES.get(str(node.get("strategy"))).unread(leaf)
+        known = sorted(str(k) for k in node) if node is not None else []
         close = difflib.get_close_matches(leaf, known, n=1)
         hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
         listed = f"; keys in {parent or 'the root config'}: {', '.join(known)}" if known else ""
@@ -103,29 +111,38 @@ def preflight(argv: list[str]) -> None:
         if len(texts) > 1 and len(set(texts)) > 1:
             warn(f"{key} is given {len(texts)} times ({', '.join(texts)}); the last one wins "
                  f"(for a sweep over values write {key}=a,b with -m)")
+    # a sweep over a config group (distill=kd,dkd): each choice is checked, with the other sweeps at their first
+    # value, as the keys a run accepts depend on it (distill.temperature is kd's, not dkd's)
+    choices: list[tuple[int, list[str]]] = []
     for ov, text in zip(parsed, args.overrides):
         if ov.key_or_group.startswith("hydra"):
             continue
         if ov.is_sweep_override():
             try:
-                first = next(iter(ov.sweep_string_iterator()))
+                values = list(ov.sweep_string_iterator())
             except Exception:  # noqa: BLE001, S112 - e.g. optuna's interval(): nothing to check here
                 continue
-            overrides.append(f"{ov.get_key_element()}={first}")
+            key = ov.get_key_element()
+            if os.path.isdir(os.path.join(CONF_DIR, ov.key_or_group.lstrip("+~"))):
+                choices.append((len(overrides), [f"{key}={v}" for v in values[1:]]))
+            overrides.append(f"{key}={values[0]}")
         else:
             overrides.append(text)
+    runs = [overrides] + [overrides[:i] + [alt] + overrides[i + 1:] for i, alts in choices for alt in alts]
     debug = False
     try:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name=args.config_name or "config", overrides=overrides)
-        GlobalHydra.instance().clear()
-        debug = bool(cfg.get("debug"))
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        validate_config(plain)
         from kdlab.pipeline.protocol import check_sweeper
 
-        check_sweeper(plain, next((ov.value() for ov in parsed if ov.key_or_group == "hparams_search"), None))
+        sweeper = next((ov.value() for ov in parsed if ov.key_or_group == "hparams_search"), None)
+        for overrides in runs:  # (the last one composed is the one a composition error names)
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                cfg = compose(config_name=args.config_name or "config", overrides=overrides)
+            GlobalHydra.instance().clear()
+            debug = bool(cfg.get("debug"))
+            plain = OmegaConf.to_container(cfg, resolve=True)
+            validate_config(plain)
+            check_sweeper(plain, sweeper)  # Optuna's objective needs a validation split
         run_dirs = [ov.value() for ov in parsed if ov.key_or_group == f"hydra.{'sweep' if args.multirun else 'run'}.dir"]
         check_output_dir(str(run_dirs[-1]) if run_dirs else str((plain.get("paths") or {}).get("output_dir", ".")))
     except KdlabError as e:
@@ -137,7 +154,7 @@ def preflight(argv: list[str]) -> None:
         if debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
 
-        def keys_of(parent: str) -> list[str] | None:
+        def node_of(parent: str) -> Mapping[str, Any] | None:
             try:
                 GlobalHydra.instance().clear()
                 with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -145,11 +162,11 @@ def preflight(argv: list[str]) -> None:
                                    overrides=[o for o in overrides if not o.lstrip("+~").startswith(parent + ".")
                                               or "=" not in o])
                 node = OmegaConf.select(node, parent) if parent else node
-                return sorted(str(k) for k in node) if hasattr(node, "keys") else None
+                return node if hasattr(node, "keys") else None
             except Exception:  # noqa: BLE001 - only a hint
                 return None
 
-        report(_explain(e, keys_of), 2)
+        report(_explain(e, node_of), 2)
         sys.exit(2)
     finally:
         GlobalHydra.instance().clear()

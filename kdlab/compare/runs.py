@@ -26,6 +26,8 @@ GENERATED_DIR = "generated"  # <run dir>/generated/<stage>/epoch_NNN.png (kdlab/
 TOP_LEVEL_FIELDS = ("method", "dataset", "seed", "experiment", "status", "kdlab_version", "protocol")
 #: results.json's ``protocol`` (docs/pipelines.md#protocols); runs written before it existed were held out
 DEFAULT_PROTOCOL = "heldout"
+# a stage's fidelity to its teacher and calibration on the test split (results.json; kdlab/modules/fidelity.py)
+FIDELITY_METRICS = ("agreement_teacher", "kl_teacher", "ece")
 
 
 def warn(msg: str) -> None:
@@ -297,6 +299,12 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
         best_val = [s.get("test_acc_best_val", b) if s.get("data_free") else b for s, b in zip(students, best)]
         row["data_free"] = any(s.get("data_free") is True for s in students)
         row["accuracies"] = [(r.get("seed"), b) for r, b in zip(done, best)]  # (seed, acc): kdlab.compare.paired
+        # the student's fidelity and calibration: per seed for the pairs, mean and std over runs
+        row["per_seed"] = {m: [(r.get("seed"), s.get(m)) for r, s in zip(done, students)] for m in FIDELITY_METRICS}
+        for m in FIDELITY_METRICS:
+            st = stats(s.get(m) for s in students)
+            row.update({f"student_{m}_mean": st["mean"], f"student_{m}_std": st["std"], f"student_{m}_n": st["n"]})
+        row["student_agreement"] = source_agreement(students)
         for prefix, values in (("student_test_acc", best),
                                ("student_test_acc_last", [s.get("test_acc_last") for s in students]),
                                ("student_test_acc_best_val", best_val),
@@ -323,12 +331,29 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
         for name in chain:
             st = [s for r in done for s in r.get("stages") or [] if str(s.get("name")) == name]
             acc = stats(s.get("test_acc") for s in st)
+            ece = stats(s.get("ece") for s in st)
             row["stages"][name] = {"role": st[0].get("role"), "mean": acc["mean"], "std": acc["std"],
-                                   "n": acc["n"], "params": st[0].get("params")}
+                                   "n": acc["n"], "params": st[0].get("params"), "ece_mean": ece["mean"],
+                                   "ece_std": ece["std"]}
         row["val_curves"] = curves
         row["generated_grids"] = [g["path"] for r in done for g in generated_grids(r) if g["path"]]
         rows.append(row)
     return rows
+
+
+def source_agreement(students: list[dict]) -> dict[str, dict]:
+    """{source name: mean, std and n of the students' top-1 agreement with it}, sources in the students' order."""
+    names = merge_order([[str(k) for k in s["agreement"]] for s in students if isinstance(s.get("agreement"), dict)])
+    out = {}
+    for name in names:
+        st = stats(s["agreement"].get(name) for s in students if isinstance(s.get("agreement"), dict))
+        out[name] = {"mean": st["mean"], "std": st["std"], "n": st["n"]}
+    return out
+
+
+def has_fidelity(rows: list[dict]) -> bool:
+    """Whether any group's students report fidelity or calibration (runs of an older kdlab do not)."""
+    return any(r.get(f"student_{m}_n") for r in rows for m in FIDELITY_METRICS)
 
 
 def all_stage_names(rows: list[dict]) -> list[str]:

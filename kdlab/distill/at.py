@@ -43,6 +43,7 @@ class AttentionTransfer(FeatureStrategy):
                                       "student_taps": ["stage1", "stage2", "prepool"],
                                       "source_taps": ["stage1", "stage2", "prepool"], "combine": "mean"}}
     term_weights: ClassVar[dict[str, str]] = {"at": "feat_weight"}
+    hints: ClassVar[dict[str, str]] = {"lam": "at.feat_weight"}  # the weight of its one distillation term
     tap_keys: ClassVar[tuple[str, str]] = ("student_taps", "source_taps")
     many_taps: ClassVar[bool] = True
 

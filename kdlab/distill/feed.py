@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.distill.base import SHARED_OPTIONS, STRATEGIES, LossTerms, Strategy
+from kdlab.distill.base import KD_OPTIONS, STRATEGIES, LossTerms, Strategy
 from kdlab.distill.losses import feature_l1, kd_loss
 from kdlab.errors import ConfigError
 
@@ -45,10 +45,11 @@ def match_spatial(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @STRATEGIES.register("feed")
 class FEED(Strategy):
     name = "feed"
-    options: ClassVar[dict] = {**SHARED_OPTIONS,
+    options: ClassVar[dict] = {**KD_OPTIONS,
                "feed": {"beta": 500.0, "reduce": "sum", "student_tap": "prepool", "source_tap": "prepool",
                         "logit_kd": False}}
     LOGIT_KD_KEYS = ("temperature", "lam", "lam_schedule", "lam_end", "lam_milestones", "kl_reduction")
+    read_when: ClassVar[str] = "feed.logit_kd=true"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -37,6 +37,7 @@ class FitNet(FeatureStrategy):
                                           "source_tap": "stage2", "kernel_size": 1, "relu": False,
                                           "combine": "mean"}}
     term_weights: ClassVar[dict[str, str]] = {"fitnet": "feat_weight"}
+    hints: ClassVar[dict[str, str]] = {"lam": "fitnet.feat_weight"}  # the weight of its one distillation term
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -153,6 +153,7 @@ class ReviewKD(BlockStrategy):
                      "student_taps": ["stage1", "stage2", "prepool"], "source_taps": ["stage1", "stage2", "prepool"],
                      "max_mid_channels": 512, "upsample": "nearest", "combine": "mean"},
     }
+    hints: ClassVar[dict[str, str]] = {"lam": "reviewkd.feat_weight"}  # the weight of its distillation term
 
     def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
         super().__init__(cfg, ctx)

@@ -41,6 +41,7 @@ class SimilarityPreserving(FeatureStrategy):
                                "sp": {"ce_weight": 1.0, "gamma": 3000.0, "student_tap": "prepool",
                                       "source_tap": "prepool", "combine": "mean"}}
     term_weights: ClassVar[dict[str, str]] = {"sp": "gamma"}
+    hints: ClassVar[dict[str, str]] = {"lam": "sp.gamma"}  # the weight of its one distillation term
 
     def source_losses(self, name, student, source) -> dict[str, torch.Tensor]:
         (s_tap, t_tap), = self.pairs

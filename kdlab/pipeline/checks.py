@@ -12,7 +12,7 @@ from kdlab.errors import ConfigError, unknown_name
 from kdlab.models.factory import check_model_name
 from kdlab.pipeline import cards, protocol
 from kdlab.pipeline.runtime import sources_channels_last
-from kdlab.pipeline.spec import StageSpec, build_stages
+from kdlab.pipeline.spec import StageSpec, build_stages, deep_merge
 
 
 def _positive(value: Any, name: str, integer: bool = False) -> None:
@@ -28,6 +28,60 @@ def _positive(value: Any, name: str, integer: bool = False) -> None:
 def validate_distill(d: dict[str, Any], where: str = "distill") -> None:
     """The strategy named by ``d`` checks its own keys (kdlab/distill/<name>.py)."""
     strategy_class(d).check(d, where)
+
+
+def stage_distill_overrides(cfg: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{stage name: (where, its distill settings)}: ``pipeline.per_stage.<stage>.distill`` and, in a custom
+    pipeline, ``pipeline.stages[i].distill``."""
+    p = cfg.get("pipeline") or {}
+    out = {name: (f"pipeline.per_stage.{name}.distill", dict(over.get("distill") or {}))
+           for name, over in (p.get("per_stage") or {}).items() if (over or {}).get("distill")}
+    if p.get("topology") == "custom":
+        for i, entry in enumerate(p.get("stages") or []):
+            if entry.get("distill"):
+                where, given = out.get(entry.get("name"), (f"pipeline.stages[{i}].distill", {}))
+                out[entry.get("name")] = (where, deep_merge(dict(entry["distill"]), given))
+    return out
+
+
+def validate_distill_keys(cfg: dict[str, Any], specs: list[StageSpec]) -> None:
+    """A key set under ``distill`` (or for one stage) that the strategy it applies to does not read is bad input,
+    named with the key probably meant (kdlab.distill.base.Strategy.unread), never silently ignored.
+
+    ``distill``'s keys must be read by its strategy or by a stage's own (``per_stage.<stage>.distill.strategy``);
+    a stage's keys by the stage's strategy (``ce`` for a stage without sources). A key a strategy reads only
+    under some setting (FEED's temperature with ``feed.logit_kd``), or only in stages with sources, set away
+    from its default where no stage reads it, is bad input too."""
+    top = cfg.get("distill") or {}
+    chosen = strategy_class(top)
+    used = {s.name: strategy_class(s.distill) for s in specs}
+    for key in top:
+        if not any(key in c.accepted_keys() for c in (chosen, *used.values())):
+            raise ConfigError(chosen.unread(key))
+    per_stage = stage_distill_overrides(cfg)
+    for s in specs:
+        where, given = per_stage.get(s.name, ("", {}))
+        for key in given:
+            if key not in used[s.name].accepted_keys():
+                alone = "" if s.sources else f" (stage {s.name!r} has no sources: it learns from the labels)"
+                raise ConfigError(used[s.name].unread(key, where) + alone)
+    _read_somewhere(top, "distill", chosen, specs)
+    for s in specs:
+        where, given = per_stage.get(s.name, ("", {}))
+        _read_somewhere(given, where, used[s.name], [s])
+
+
+def _read_somewhere(given: dict[str, Any], where: str, strategy: type, specs: list[StageSpec]) -> None:
+    """Each key of ``given`` that ``strategy`` reads only sometimes, set away from its default, is in the own
+    config (what a stage reads) of one of ``specs``."""
+    defaults = {**strategy.options, **strategy.late_options}
+    for key, value in given.items():
+        if key in defaults and not isinstance(value, dict) and value != defaults[key] \
+                and not any(key in s.distill for s in specs):
+            unless = (f"{strategy.name} reads it only with {where}.{strategy.read_when}" if strategy.read_when
+                      and any(strategy_class(s.distill) is strategy for s in specs)
+                      else "no stage of this pipeline reads it (a stage without sources learns from the labels)")
+            raise ConfigError(f"{where}.{key}={value!r} is not read: {unless}")
 
 
 ON_NAN = ("stop", "rollback")
@@ -103,6 +157,7 @@ def validate_config(cfg: dict[str, Any]) -> list[StageSpec]:
     """Everything that can be checked from the config alone (no data, no models built)."""
     validate_run_settings(cfg)
     specs = build_stages(cfg)
+    validate_distill_keys(cfg, specs)
     validate_stages(specs, cfg)
     top = cfg.get("distill") or {}
     if top:

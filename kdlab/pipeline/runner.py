@@ -26,6 +26,7 @@ from kdlab.pipeline.cards import reference_report, summary_line
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.environment import describe_environment
+from kdlab.pipeline.fidelity import stage_fidelity
 from kdlab.pipeline.lr_scaling import describe
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import import_checkpoint, import_pretrained, resume_point, train_stage
@@ -180,8 +181,11 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                                                         resume=plan["resume"])
                 else:
                     log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
+            entry = stage_result(spec, record, cached, extra, dm)
+            if sync.leader:  # agreement with its sources and teacher, KL, ECE: from stored test-split outputs
+                entry.update(stage_fidelity(ctx, spec, record, done))
             done[spec.name] = (spec, record)
-            results["stages"].append(stage_result(spec, record, cached, extra, dm))
+            results["stages"].append(entry)
             if sync.leader:
                 atomic_write_json(results_path, results)  # progress, still status "running"
         last = results["stages"][-1]

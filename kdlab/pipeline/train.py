@@ -24,6 +24,7 @@ from kdlab.pipeline.assemble import (
 )
 from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
+from kdlab.pipeline.fidelity import keep_test_outputs
 from kdlab.pipeline.loggers import build_loggers, finish_loggers
 from kdlab.pipeline.protocol import accuracy_fields, eval_names, evaluates_on_test, fit_data, stage_keep
 from kdlab.pipeline.spec import StageSpec
@@ -111,6 +112,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         if trainer.interrupted:
             raise TrainingError(f"stage {spec.name!r} was interrupted")
         test_last = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+        test_outputs = module.test_outputs  # the last epoch's; the kept best epoch's replace them below
         if not ckpt.best_model_path:
             raise TrainingError(f"stage {spec.name!r}: no per-epoch accuracy ({module.eval_names['acc']}) was "
                                 f"recorded")
@@ -120,13 +122,14 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         last_state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()} \
             if keep == "last" else None
         curve = list(module.val_curve)
-        if on_test:
-            test_best = None  # the curve is the test split's own: its best is read from it, never chosen on
-        elif curve and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1:
-            test_best = test_last  # the best epoch is the last one: same weights, no second test pass
+        best_is_last = bool(curve) and max(range(len(curve)), key=lambda i: (curve[i], -i)) == len(curve) - 1
+        if best_is_last or (on_test and keep == "last"):
+            test_best = test_last  # the same weights, or (on the test split) nothing chosen: no second test pass
         else:
             module.model.load_state_dict(best_state)
             test_best = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
+            if keep != "last":
+                test_outputs = module.test_outputs  # those of the stored weights
         status = "success"
     finally:
         finish_loggers(loggers, status)
@@ -147,6 +150,7 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         # the whole stage: model and sources built, caches loaded, fit, test passes (not the commit)
         "stage_seconds": round(time.perf_counter() - t_stage, 3),
     }
+    keep_test_outputs(ctx, key, test_outputs)  # before the marker: a done stage's outputs are its weights'
     record = ctx.store.commit(key, last_state if keep == "last" else best_state, meta)
     csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
     return record, {"csv_log": str(csv_log) if csv_log is not None and csv_log.exists() else None}
@@ -175,6 +179,7 @@ def evaluate_and_commit(spec: StageSpec, key: str, ctx: RunContext, description:
         float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
     test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
     model.to(memory_format=torch.contiguous_format)  # stored in the default format, however it was evaluated
+    keep_test_outputs(ctx, key, module.test_outputs)
     meta = {"name": spec.name, "role": spec.role, "arch": spec.arch, "model": spec.model, "sources": [],
             "params": count_params(model), "extra_params": 0, "epochs": 0, "best_epoch": None,
             "val_acc": val, "test_acc": test, "test_acc_last": test, "train_seconds": 0.0,

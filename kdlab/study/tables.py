@@ -22,6 +22,11 @@ DATA_FREE_FOOTNOTE = ("† A data-free student (DAFL, `data_free: true`): the nu
                       "epoch** (bold), since choosing an epoch on the real validation split is a use of data; its "
                       "best-on-val column is that choice, shown for comparison only.")
 
+FIDELITY_FOOTNOTE = ("Fidelity and calibration of the student on the test split, at the checkpoint it reports: "
+                     "top-1 agreement with its teacher, KL(p_teacher || p_student) at T = 1 in nats (mean over test "
+                     "images), expected calibration error (15 bins); mean ± std over the seeds, '-' for a student "
+                     "without sources.")
+
 
 def paired_cell(r: dict | None) -> str:
     """One paired comparison in a table cell: mean difference [95 % t interval] (pp), wins/ties/losses, verdict."""
@@ -37,7 +42,8 @@ def paired_cell(r: dict | None) -> str:
 
 def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: str = "",
                   paired: list[dict] | None = None, baseline: str | None = None) -> str:
-    """One part's results table: the student (best-on-val and last epoch), every source stage, the command.
+    """One part's results table: the student (best-on-val and last epoch; its agreement with the teacher, KL to the
+    teacher and ECE where its runs report them), every source stage, the command.
 
     A data-free student's row (DAFL) is marked †: its best-on-val cell is the epoch picked on the real
     validation split (``test_acc_best_val``), its last-epoch cell, the number it reports, is bold."""
@@ -45,7 +51,9 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     # a part with a quantized student shows every student's bit-widths and size in bytes at them
     quantized = any(r.get("student_bits") not in (None, "W32 A32") for r in rows)
     vs_base = {r["group"]: r for r in paired or [] if baseline and r["baseline"] == f"experiment={baseline}"}
+    fidelity = compare_runs.has_fidelity(rows)  # runs of an older kdlab report none
     head = ["experiment", "n", "student best-on-val %", "student last epoch %", "range (pp)",
+            *(["agreement with teacher %", "KL to teacher (nats)", "ECE %"] if fidelity else []),
             *[f"{s} %" for s in sources], *(["student bits", "student size"] if quantized else []),
             *([f"paired Δ vs {baseline} (pp) [95% CI], wins/ties/losses"] if vs_base else []),
             "wall / run", "command"]
@@ -64,6 +72,9 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
                                                      "best-on-val column = its last epoch]"), str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
                  best + (" †" if free else ""), f"**{last}**" if free else last,
                  compare_tables.pct(r["student_test_acc_range"]),
+                 *([compare_tables.pct_pm(r["student_agreement_teacher_mean"], r["student_agreement_teacher_std"]),
+                    compare_tables.nats_pm(r["student_kl_teacher_mean"], r["student_kl_teacher_std"]),
+                    compare_tables.pct_pm(r["student_ece_mean"], r["student_ece_std"])] if fidelity else []),
                  *[compare_tables.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                    for s in sources],
                  *([r.get("student_bits") or "-", compare_tables.fmt_bytes(r.get("student_size_bytes"))] if quantized else []),
@@ -78,6 +89,8 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
                   "excludes 0 (`python -m kdlab.compare --baseline / --pairs`)."
                   + "".join(f" {r['group'].split('=', 1)[-1]} vs {r['baseline'].split('=', 1)[-1]}: {paired_cell(r)}."
                             for r in others)]
+    if fidelity:
+        lines += ["", FIDELITY_FOOTNOTE]
     if any(r.get("data_free") for r in rows):
         lines += ["", DATA_FREE_FOOTNOTE + " Its generated images (the last grid of each run) are in this part's "
                   "`comparison.html`."]
