@@ -175,3 +175,17 @@ def test_the_reference_command_sets_the_authors_seeds():
     assert {s.name: s.seed for s in build_stages(cfg)} == {"teacher": 0, "ta1": 55, "student": 31}
     assert command(load_card("dgkd_cifar100")).endswith("protocol=reference seed=20")
     assert command(load_card("dkd_cifar100")).endswith("protocol=reference")
+
+
+def test_the_cards_command_line(capsys):
+    from kdlab.cards import main
+
+    assert main(["takd_cifar100_resnet", "--command"]) == 0
+    assert capsys.readouterr().out.strip() == ("python -m kdlab +experiment=takd_cifar100_resnet protocol=reference "
+                                               "++pipeline.per_stage.ta1.seed=55 ++pipeline.per_stage.student.seed=31")
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == len(recipes_with_cards()) and "dkd_cifar100" in out
+    assert main(["kd_fashion_mnist"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdlab.cards: error: experiment 'kd_fashion_mnist' has no reference card")
