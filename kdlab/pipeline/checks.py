@@ -26,7 +26,8 @@ def _positive(value: Any, name: str, integer: bool = False) -> None:
 
 
 def validate_distill(d: dict[str, Any], where: str = "distill") -> None:
-    """The strategy named by ``d`` checks its own keys (kdlab/distill/<name>.py)."""
+    """The strategy named by the distill block ``d`` as given checks its own keys (kdlab/distill/<name>.py); a
+    stage's checked block is its spec's (``StageSpec.strategy_cls``, :func:`validate_stages`)."""
     strategy_class(d).check(d, where)
 
 
@@ -54,7 +55,7 @@ def validate_distill_keys(cfg: dict[str, Any], specs: list[StageSpec]) -> None:
     from its default where no stage reads it, is bad input too."""
     top = cfg.get("distill") or {}
     chosen = strategy_class(top)
-    used = {s.name: strategy_class(s.distill) for s in specs}
+    used = {s.name: s.strategy_cls for s in specs}
     for key in top:
         if not any(key in c.accepted_keys() for c in (chosen, *used.values())):
             raise ConfigError(chosen.unread(key))
@@ -79,7 +80,7 @@ def _read_somewhere(given: dict[str, Any], where: str, strategy: type, specs: li
         if key in defaults and not isinstance(value, dict) and value != defaults[key] \
                 and not any(key in s.distill for s in specs):
             unless = (f"{strategy.name} reads it only with {where}.{strategy.read_when}" if strategy.read_when
-                      and any(strategy_class(s.distill) is strategy for s in specs)
+                      and any(s.strategy_cls is strategy for s in specs)
                       else "no stage of this pipeline reads it (a stage without sources learns from the labels)")
             raise ConfigError(f"{where}.{key}={value!r} is not read: {unless}")
 
@@ -103,11 +104,10 @@ def validate_run_settings(cfg: dict[str, Any]) -> None:
 
 def validate_taps(stage: StageSpec, specs: list[StageSpec]) -> None:
     """Feature points a strategy records (FEED's taps) must exist in the models, before anything trains."""
-    from kdlab.distill import STRATEGIES
     from kdlab.models import resolve_point
     from kdlab.pipeline.assemble import model_from_spec
 
-    s_taps, t_taps = STRATEGIES.get(str(stage.distill.get("strategy", "kd"))).taps(stage.distill)
+    s_taps, t_taps = stage.strategy_cls.taps(stage.distill)
     if not (s_taps or t_taps):
         return
     by_name = {s.name: s for s in specs}
@@ -129,7 +129,7 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
     validate_run_settings(cfg)
     data = cfg.get("data") or {}
     _positive(data.get("batch_size"), "data.batch_size", integer=True)
-    if (cfg.get("pipeline") or {}).get("data_free") and specs and not strategy_class(specs[-1].distill).data_free:
+    if (cfg.get("pipeline") or {}).get("data_free") and specs and not specs[-1].strategy_cls.data_free:
         raise ConfigError(f"pipeline=data_free needs a data-free strategy for its student (distill=dafl), got "
                           f"distill.strategy={specs[-1].distill.get('strategy')!r}")
     protocol.check(cfg, specs)  # the protocol, each stage's keep (kdlab/pipeline/protocol.py)
@@ -146,8 +146,7 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
         if n is not None:
             _positive(n, f"on_the_fly_n (stage {s.name})", integer=True)
         if s.sources:
-            validate_distill(s.distill)
-        if s.sources:
+            s.strategy_cls.check(s.distill, "distill")  # the strategy checks its own keys (kdlab/distill/<name>.py)
             validate_taps(s, specs)
         if s.stochastic:
             SourceSelector(s.sources, **s.stochastic, stage=s.name)

@@ -133,57 +133,11 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     where = "before the first stage"  # named by a SIGTERM / SIGINT (Interrupted) and in results.json
     handlers = install_interrupt_handlers()  # SIGTERM / SIGINT raise Interrupted (this process only)
     try:
-        specs = build_stages(plain)
-        validate_stages(specs, plain)
-        results["reference"] = reference_report(plain, specs)  # protocol=reference: the recipe's card vs this run
-        store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
-                                                                        .get("on_corrupt", "retrain")),
-                           writer=sync.leader)
-        data_cfg = {k: v for k, v in plain["data"].items() if k != "batch_size"}
-        dm = build_datamodule(data_cfg, batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
-        results["dataset"] = getattr(dm, "name", results["dataset"])
-        if sync.leader:
-            log.info("%s", run_summary(plain, dm, specs))
-            if results["reference"] is not None:  # changed fields: this run is not the reference run
-                (warn if results["reference"]["changed"] else log.info)(summary_line(results["reference"]))
-        if sync.leader:
-            warn_if_growing(specs, dm)
-        ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
-                         dataset=str(results["dataset"]), group=run_group(plain, run_dir))
-        check_stages(specs, ctx)  # every config error surfaces before the first stage is trained
-        ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
+        specs, ctx = start_run(plain, run_dir, results, sync)
         done: dict[str, tuple[StageSpec, StageRecord]] = {}
         for spec in specs:
             where = f"during stage {spec.name}"
-            sources = {name: done[name] for name in spec.sources}
-            description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
-            key = stage_key(description)
-            with store.lock(key, spec.name):  # held while training: parallel runs wait, then reuse it
-                if sync.leader:
-                    record = store.lookup(key, spec.name)
-                    imported = spec.checkpoint or spec.pretrained is not None
-                    resume = None if record or imported else resume_point(store.work_dir(key), spec.name)
-                    plan = sync.share({"key": key, "train": record is None, "resume": resume})
-                else:
-                    plan = sync.receive(key, store)
-                    record = None if plan["train"] else store.read(key, spec.name)
-                cached, extra = record is not None, {}
-                if record is None:
-                    log.info("stage %s (%s): %s, store key %s", spec.name, spec.arch,
-                             "importing" if spec.checkpoint or spec.pretrained is not None else "training", key)
-                    if spec.checkpoint:
-                        record = import_checkpoint(spec, key, ctx, description)
-                    elif spec.pretrained is not None:
-                        record = import_pretrained(spec, key, ctx, description)
-                    else:
-                        with dm.stage_augment(spec.augment):  # pipeline.per_stage.<name>.augment, if set
-                            record, extra = train_stage(spec, key, sources, ctx, description,
-                                                        resume=plan["resume"])
-                else:
-                    log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
-            entry = stage_result(spec, record, cached, extra, dm)
-            if sync.leader:  # agreement with its sources and teacher, KL, ECE: from stored test-split outputs
-                entry.update(stage_fidelity(ctx, spec, record, done))
+            record, entry = run_stage(spec, done, ctx, sync)
             done[spec.name] = (spec, record)
             results["stages"].append(entry)
             if sync.leader:
@@ -194,20 +148,10 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                             **{k: last[k] for k in ("test_acc_best_on_test",) if k in last}}
         results["status"] = "completed"
     except BaseException as e:  # record every failure, then let the caller report it
-        stop = interruption(e)  # SIGTERM / SIGINT: finished stages stay committed, the rerun resumes
-        if stop is not None:
-            stop.where = stop.where or where
-            results["status"] = "interrupted"
-            results["error"] = str(stop)
-            if stop is e:
-                raise
-            raise stop from e
-        results["status"] = "failed"
-        results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
-            type(e).__name__
-        if not isinstance(e, KdlabError):
-            results["traceback"] = traceback.format_exc()
-        raise
+        stop = record_failure(results, e, where)
+        if stop is None or stop is e:
+            raise
+        raise stop from e
     finally:
         results["wall_seconds"] = round(time.perf_counter() - t0, 3)
         try:
@@ -218,6 +162,82 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
         finally:
             restore_interrupt_handlers(handlers)
     return results
+
+
+def record_failure(results: dict[str, Any], e: BaseException, where: str) -> BaseException | None:
+    """``results`` marked failed (or interrupted) by ``e``, raised ``where``; returns the Interrupted to raise
+    for a SIGTERM / SIGINT (finished stages stay committed, the rerun resumes), else None."""
+    stop = interruption(e)
+    if stop is not None:
+        stop.where = stop.where or where
+        results["status"] = "interrupted"
+        results["error"] = str(stop)
+        return stop
+    results["status"] = "failed"
+    results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
+        type(e).__name__
+    if not isinstance(e, KdlabError):
+        results["traceback"] = traceback.format_exc()
+    return None
+
+
+def start_run(plain: dict[str, Any], run_dir: Path, results: dict[str, Any], sync: RankSync
+              ) -> tuple[list[StageSpec], RunContext]:
+    """Before the first stage: the checked stage specs, the store, the data loaded once (missing data fails
+    here), every stage built once without training (:func:`check_stages`) and the view caches planned."""
+    specs = build_stages(plain)
+    validate_stages(specs, plain)
+    results["reference"] = reference_report(plain, specs)  # protocol=reference: the recipe's card vs this run
+    store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
+                                                                    .get("on_corrupt", "retrain")),
+                       writer=sync.leader)
+    data_cfg = {k: v for k, v in plain["data"].items() if k != "batch_size"}
+    dm = build_datamodule(data_cfg, batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
+    results["dataset"] = getattr(dm, "name", results["dataset"])
+    if sync.leader:
+        log.info("%s", run_summary(plain, dm, specs))
+        if results["reference"] is not None:  # changed fields: this run is not the reference run
+            (warn if results["reference"]["changed"] else log.info)(summary_line(results["reference"]))
+        warn_if_growing(specs, dm)
+    ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
+                     dataset=str(results["dataset"]), group=run_group(plain, run_dir))
+    check_stages(specs, ctx)  # every config error surfaces before the first stage is trained
+    ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
+    return specs, ctx
+
+
+def run_stage(spec: StageSpec, done: dict[str, tuple[StageSpec, StageRecord]], ctx: RunContext, sync: RankSync
+              ) -> tuple[StageRecord, dict[str, Any]]:
+    """One stage, its sources in ``done``: its store key; then, under the key's lock, the store's copy, or the
+    stage imported or trained and committed. Returns its record and its results.json entry."""
+    sources = {name: done[name] for name in spec.sources}
+    description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
+    key = stage_key(description)
+    extra: dict[str, Any] = {}
+    with ctx.store.lock(key, spec.name):  # held while training: parallel runs wait, then reuse it
+        if sync.leader:
+            record = ctx.store.lookup(key, spec.name)
+            resume = None if record or spec.imported else resume_point(ctx.store.work_dir(key), spec.name)
+            plan = sync.share({"key": key, "train": record is None, "resume": resume})
+        else:
+            plan = sync.receive(key, ctx.store)
+            record = None if plan["train"] else ctx.store.read(key, spec.name)
+        cached = record is not None
+        if cached:
+            log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
+        else:
+            log.info("stage %s (%s): %s, store key %s", spec.name, spec.arch,
+                     "importing" if spec.imported else "training", key)
+            if spec.checkpoint:
+                record = import_checkpoint(spec, key, ctx, description)
+            elif spec.pretrained is not None:
+                record = import_pretrained(spec, key, ctx, description)
+            else:
+                record, extra = train_stage(spec, key, sources, ctx, description, resume=plan["resume"])
+    entry = stage_result(spec, record, cached, extra, ctx.dm)
+    if sync.leader:  # agreement with its sources and teacher, KL, ECE: from stored test-split outputs
+        entry.update(stage_fidelity(ctx, spec, record, done))
+    return record, entry
 
 
 def run_group(cfg: dict[str, Any], run_dir: Path) -> str:

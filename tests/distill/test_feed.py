@@ -25,7 +25,7 @@ from kdlab.models import FeatureTaps, build_model, count_params, feature_shapes,
 from kdlab.modules import DistillModule, SourceBank
 from kdlab.pipeline import build_stages
 from kdlab.pipeline.checks import validate_config
-from kdlab.pipeline.spec import member_seed
+from kdlab.pipeline.topology import member_seed
 from kdlab.pipeline.train import _state_from_lightning
 from kdlab.store.fileio import load_weights
 from tests.helpers.cli import read_results, run_kdlab, trained

@@ -26,18 +26,16 @@ SYNTH = {"name": "synthetic", "root": "data", "download": False, "subset": None,
 def test_per_stage_augment_is_the_stages_own_and_changes_only_its_fingerprint():
     dm = build_datamodule(SYNTH, batch_size=32, seed=0)
     plain = dm.fingerprint()
-    with dm.stage_augment("crop_flip") as d:
-        assert d.augment == "crop_flip" and not d.deterministic_train
-        flipped = d.fingerprint()
-        augmented, *_ = next(iter(d.train_dataloader()))
+    d = dm.for_stage(augment="crop_flip")
+    assert d.augment == "crop_flip" and not d.deterministic_train
+    flipped = d.fingerprint()
+    augmented, *_ = next(iter(d.train_dataloader()))
     assert flipped != plain
-    assert dm.augment == "none" and dm.fingerprint() == plain and dm.deterministic_train  # restored after
+    assert dm.augment == "none" and dm.fingerprint() == plain and dm.deterministic_train  # the data's own
     unaugmented, *_ = next(iter(dm.train_dataloader()))  # the same images in the same order, not cropped
     assert augmented.shape == unaugmented.shape and not torch.equal(augmented, unaugmented)
-    with dm.stage_augment("crop_flip"):
-        assert dm.fingerprint() == flipped  # the same augmentation: the same fingerprint (so store key)
-    with dm.stage_augment(None):
-        assert dm.fingerprint() == plain
+    assert dm.for_stage(augment="crop_flip").fingerprint() == flipped  # the same augmentation: the same store key
+    assert dm.for_stage(augment=None).fingerprint() == plain
     with pytest.raises(ConfigError, match=r"pipeline.per_stage.teacher.augment 'rotate'.*known: none, flip, crop_flip"):
         dm.check_augment("rotate", "pipeline.per_stage.teacher.augment")
 
@@ -72,9 +70,7 @@ def test_a_teacher_trained_with_crop_flip_teaches_from_the_cache(tmp_path):
     metas = [json.loads((store / x["stages"][0]["store_key"] / "meta.json").read_text()) for x in (a, b)]
     # the teacher's data fingerprint is that of the crop+flip batches; the student's, of the plain ones
     dm = build_datamodule({**SYNTH, "n_train": 320, "n_test": 100}, batch_size=64, seed=0)
-    plain = dm.fingerprint()
-    with dm.stage_augment("crop_flip"):
-        flipped = dm.fingerprint()
+    plain, flipped = dm.fingerprint(), dm.for_stage(augment="crop_flip").fingerprint()
     assert [m["description"]["data"] for m in metas] == [flipped, plain]
     student = json.loads((store / a["stages"][1]["store_key"] / "meta.json").read_text())
     assert student["description"]["data"] == plain
