@@ -47,6 +47,16 @@ def _explain(e: BaseException, node_of: Callable[[str], Mapping[str, Any] | None
             name = "/".join([*group.split("/")[1:], name])
             group, options = top, sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
         return f"unknown {group or 'config'} {name!r}; known: {', '.join(options)}"
+    entry = re.search(r"Interpolation key '([^']+)' not found", text)
+    if entry:  # pair=nope in a recipe whose values come from ${pairs.${pair}.chain}
+        parts = entry.group(1).split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            node = node_of(".".join(parts[:i]))
+            known = sorted(str(k) for k in node) if node is not None else None
+            if known is not None and parts[i] not in known:
+                parent = parts[i - 1]
+                kind = parent.removesuffix("s")
+                return f"unknown {kind} {parts[i]!r}; known: {', '.join(known)}"
     bad = re.search(r"Could not override '([^']+)'", text)
     cause = re.search(r"full_key: (\S+)", str(e.__cause__ or ""))
     if bad:  # a key that does not exist (a typo, or a key of another data set)
@@ -296,8 +306,13 @@ def check_command(argv: list[str], machine: bool = True) -> None:
                           f"{', '.join(sweeps)}")
     if args.cfg:
         return  # Hydra prints the config (composition errors, if any, are Hydra's to show)
-    from kdlab.pipeline.checks import validate_config  # the checks (and torch) only for a run, not for --help
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from kdlab.pipeline.checks import validate_config  # the checks (and torch) only for a run, not for --help
+    from kdlab.pipeline.protocol import check_sweeper
+
+    parsed = OverridesParser.create().parse_overrides(args.overrides)
+    sweeper = next((ov.value() for ov in parsed if ov.key_or_group == "hparams_search"), None)
     for i, overrides in enumerate([first, *others]):
         cfg, hydra_cfg = compose_checked(args.config_name or "config", overrides)
         multirun = args.multirun or str(hydra_cfg.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
@@ -309,6 +324,7 @@ def check_command(argv: list[str], machine: bool = True) -> None:
             check_model_is_read(overrides, cfg, hydra_cfg)
             plain = OmegaConf.to_container(cfg, resolve=True)
             validate_config(plain)
+            check_sweeper(plain, sweeper)  # Optuna's objective needs a validation split
             if machine and i == 0:
                 check_machine(args, multirun, hydra_cfg, plain)
         except KdlabError as e:

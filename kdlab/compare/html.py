@@ -103,7 +103,7 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
         text = table_note(name, rows)
         if text:
             parts.append(f"<p class='meta'>{e(text[0].upper() + text[1:])}.</p>")
-        parts.append(html_table(head, body, n_keys=len(by)))
+        parts.append(html_table(head, body, n_keys=len(by) + ("protocol" not in by)))
     captions = {"chain": "Test accuracy of every stage along the chain (mean ± std over runs).",
                 "student": "Student test accuracy per group (best-on-val and last epoch; error bars: std).",
                 "val_curves": "Validation accuracy per epoch, per stage (thin: runs, thick: group mean).",

@@ -20,6 +20,11 @@ drawn for them (higher agreement, lower KL and lower ECE are "closer" and "bette
 Groups that share no seed are compared unpaired (Welch's t interval of the difference of means,
 ``scipy.stats.ttest_ind(equal_var=False)``) and labelled ``unpaired``; a pairing never mixes seeds. A group with
 two completed runs of one seed cannot be paired (which one?) and is refused with one line.
+
+Groups of two protocols (``heldout``, ``reference``: docs/pipelines.md#protocols) are never compared: their numbers
+are measured differently (a best-on-validation epoch on less training data vs the last epoch of a run on all of
+it). ``--baseline`` compares the groups of the baseline's protocol and leaves the others out with a warning;
+``--pairs`` across protocols is refused with one line.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ def parse_baseline(text: str, by: Sequence[str]) -> dict[str, str]:
             out[by[0]] = part
         else:
             raise ConfigError(f"--baseline {text!r}: name the field (FIELD=VALUE) when grouping by {', '.join(by)}")
-    unknown = sorted(set(out) - set(by))
+    unknown = sorted(set(out) - set(by) - {"protocol"})  # protocol=...: the group's protocol (always a key)
     if not out or unknown:
         raise ConfigError(f"--baseline {text!r} must name the grouping field(s) {', '.join(by)} (FIELD=VALUE); "
                           f"got {', '.join(unknown) or 'nothing'}")
@@ -56,12 +61,15 @@ def parse_baseline(text: str, by: Sequence[str]) -> dict[str, str]:
 
 def find_group(rows: list[dict], want: dict[str, str], what: str) -> dict:
     """The row whose grouping fields match ``want`` (as strings); a ConfigError listing the groups otherwise."""
-    hits = [r for r in rows if all(str(r["fields"].get(k)) == v for k, v in want.items())]
+    hits = [r for r in rows if all(str(r["fields"].get(k, r["protocol"] if k == "protocol" else None)) == v
+                                   for k, v in want.items())]
     if not hits:
         known = ", ".join(r["group"] for r in rows)
         raise ConfigError(f"{what} {', '.join(f'{k}={v}' for k, v in want.items())} matches no group; groups: {known}")
     if len(hits) > 1:
-        raise ConfigError(f"{what} matches {len(hits)} groups ({', '.join(r['group'] for r in hits)}); name more fields")
+        raise ConfigError(f"{what} matches {len(hits)} groups ({', '.join(r['group'] for r in hits)}); name more fields"
+                          + (" (runs of two protocols: --baseline FIELD=VALUE,protocol=heldout|reference, or give the "
+                             "runs of one protocol)" if len({r['protocol'] for r in hits}) > 1 else ""))
     return hits[0]
 
 
@@ -119,7 +127,11 @@ def verdict(ci: tuple[float, float] | None) -> str:
 
 def compare_groups(group: dict, base: dict, metric: str | None = None) -> dict[str, Any]:
     """``group`` against ``base``: paired over their shared seeds, else unpaired (module doc); the student's test
-    accuracy, or ``metric``."""
+    accuracy, or ``metric``. Groups of two protocols are refused."""
+    if group.get("protocol") != base.get("protocol"):
+        raise ConfigError(f"cannot compare {group['group']} ({group.get('protocol')}) with {base['group']} "
+                          f"({base.get('protocol')}): runs of two protocols measure their numbers differently; compare "
+                          f"within one protocol (docs/compare.md#protocols)")
     g, b = by_seed(group, metric), by_seed(base, metric)
     shared = sorted(set(g) & set(b))
     out: dict[str, Any] = {"group": group["group"], "baseline": base["group"], "n_group": len(g), "n_base": len(b)}
@@ -157,7 +169,14 @@ def paired_table(rows: list[dict], by: Sequence[str], baseline: str | None = Non
     out: list[dict] = []
     if baseline:
         base = find_group(rows, parse_baseline(baseline, by), "--baseline")
-        out += [compare_with_fidelity(r, base) for r in rows if r is not base and r["n"]]
+        other = sorted({r["group"] for r in rows if r.get("protocol") != base.get("protocol")})
+        if other:
+            from kdlab.compare.runs import warn
+
+            warn(f"--baseline {baseline} is a {base.get('protocol')} group: the groups of another protocol are not "
+                 f"compared with it ({', '.join(other)})")
+        out += [compare_with_fidelity(r, base) for r in rows
+                if r is not base and r["n"] and r.get("protocol") == base.get("protocol")]
     for spec in pairs:
         names = [x.strip() for x in str(spec).split(",") if x.strip()]
         if len(names) != 2:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from kdlab.compare.runs import (
     DEFAULT_LAST_K,
+    DEFAULT_PROTOCOL,
     FIDELITY_METRICS,
     all_stage_names,
     generated_grids,
@@ -77,20 +78,25 @@ def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None =
     k = rows[0]["last_k"] if rows else DEFAULT_LAST_K
     names = all_stage_names(rows)
 
-    def keys(r: dict) -> list[str]:
-        return ["-" if r["fields"][f] is None else str(r["fields"][f]) for f in by]
+    # every number is labelled with its protocol (docs/pipelines.md#protocols): a column of its own
+    key_head = [*by, *([] if "protocol" in by else ["protocol"])]
 
-    acc_head = [*by, "n", "failed", "student test acc %", "last-epoch acc %", "min", "max", "range",
-                "student params", "wall time"]
+    def keys(r: dict) -> list[str]:
+        own = ["-" if r["fields"][f] is None else str(r["fields"][f]) for f in by]
+        return own + ([] if "protocol" in by else [str(r.get("protocol", DEFAULT_PROTOCOL))])
+
+    acc_head = [*key_head, "n", "failed", "student test acc %", "last-epoch acc %", "best-on-test acc %", "min",
+                "max", "range", "student params", "wall time"]
     acc = [[*keys(r), str(r["n"]), str(r["n_failed"]),
             pct_pm(r["student_test_acc_mean"], r["student_test_acc_std"]),
             pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"]),
+            pct_pm(r.get("student_test_acc_best_on_test_mean"), r.get("student_test_acc_best_on_test_std")),
             pct(r["student_test_acc_min"]), pct(r["student_test_acc_max"]), pct(r["student_test_acc_range"]),
             fmt_params(r["student_params"]), fmt_seconds(r["wall_seconds_mean"])] for r in rows]
-    stage_head = [*by, *[f"{s} acc %" for s in names]]
+    stage_head = [*key_head, *[f"{s} acc %" for s in names]]
     stage = [[*keys(r), *[pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                           for s in names]] for r in rows]
-    stab_head = [*by, "n", "final acc mean %", "std (pp)", "range max-min (pp)", "last-epoch std (pp)",
+    stab_head = [*key_head, "n", "final acc mean %", "std (pp)", "range max-min (pp)", "last-epoch std (pp)",
                  "last-epoch range (pp)", f"val fluct. last {k} ep. (pp)", "max fluct. (pp)"]
     stab = [[*keys(r), str(r["n"]),
              pct(r["student_test_acc_mean"]), pct(r["student_test_acc_std"]),
@@ -99,7 +105,7 @@ def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None =
              pct(r["val_fluct_max"])] for r in rows]
     tables = {"Student accuracy": (acc_head, acc), "Stages": (stage_head, stage), "Stability": (stab_head, stab)}
     if has_fidelity(rows):
-        fid_head = [*by, "n", "student test acc %", "agreement with teacher %", "KL to teacher (nats)", "ECE %",
+        fid_head = [*key_head, "n", "student test acc %", "agreement with teacher %", "KL to teacher (nats)", "ECE %",
                     "agreement with each source %"]
         fid = [[*keys(r), str(r["n"]), pct_pm(r["student_test_acc_mean"], r["student_test_acc_std"]),
                 pct_pm(r["student_agreement_teacher_mean"], r["student_agreement_teacher_std"]),
@@ -118,8 +124,8 @@ def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None =
 
 
 STABILITY_NOTE = ("student's final (best-on-val; a data-free student's: last epoch) test accuracy over runs; "
-                  "fluctuation = mean |Δ val acc| between consecutive epochs over the last {k} epochs, in "
-                  "percentage points, averaged over runs")
+                  "fluctuation = mean |Δ val acc| between consecutive epochs over the last {k} epochs (protocol "
+                  "reference: of the test curve), in percentage points, averaged over runs")
 STAGES_NOTE = "test accuracy of every stage, mean ± std over runs"
 FIDELITY_NOTE = ("the student on the test split at the checkpoint it reports, mean ± std over runs: top-1 agreement "
                  "with its teacher (an ensemble: the mean of the members' softmax) and with each of its sources, "
@@ -143,6 +149,12 @@ def data_free_note(rows: list[dict]) -> str | None:
             f"best-on-val test accuracy, for comparison only: {best}")
 
 
+PROTOCOL_NOTE = ("protocol heldout: student test acc = the best epoch on the held-out validation split; protocol "
+                 "reference (the whole training split, fp32: the paper's run): student test acc = the last epoch, "
+                 "best-on-test = the best test epoch (chosen on the test split, as most tables report). Runs of two "
+                 "protocols are never one group and never compared with each other")
+
+
 def table_note(title: str, rows: list[dict]) -> str | None:
     """The note under one of :func:`table_specs`' tables (None: none)."""
     if title == "Stability":
@@ -154,7 +166,10 @@ def table_note(title: str, rows: list[dict]) -> str | None:
     if title == PAIRED_FIDELITY_TITLE:
         return PAIRED_FIDELITY_NOTE
     if title == "Student accuracy":
-        return data_free_note(rows)  # group names are data: never passed through str.format
+        notes = [n for n in (data_free_note(rows),  # group names are data: never passed through str.format
+                             PROTOCOL_NOTE if any(r.get("protocol", DEFAULT_PROTOCOL) != DEFAULT_PROTOCOL
+                                                  for r in rows) else None) if n]
+        return "; ".join(notes) or None
     return None
 
 
@@ -200,7 +215,7 @@ def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped:
         table = Table(title=title, title_justify="left", title_style="bold",
                       caption=escape(note) if note else None, caption_justify="left")
         for i, h in enumerate(head):  # wrap (never crop) when the terminal is narrow
-            table.add_column(h, justify="left" if i < len(by) else "right", overflow="fold")
+            table.add_column(h, justify="left" if i < len(by) + ("protocol" not in by) else "right", overflow="fold")
         for line in body:
             table.add_row(*line)
         console.print(table)
@@ -229,8 +244,10 @@ def csv_columns(rows: list[dict], by: Sequence[str]) -> list[str]:
     stat = ("mean", "std", "min", "max", "range")
     stage_cols = [f"acc_{s}_{k}" for s in all_stage_names(rows) for k in ("mean", "std")]
     sources = list(dict.fromkeys(name for r in rows for name in r.get("student_agreement") or {}))
-    return ["group", *by, "n", "n_failed", "student_stage",
+    return ["group", *by, *([] if "protocol" in by else ["protocol"]), "n", "n_failed", "student_stage",
             *[f"student_test_acc_{k}" for k in stat], *[f"student_test_acc_last_{k}" for k in stat],
+            # protocol=reference: the best test epoch (chosen on the test split)
+            *[f"student_test_acc_best_on_test_{k}" for k in stat],
             *stage_cols, "student_params", "student_size_bytes", "student_bits", "wall_seconds_mean", "last_k",
             "val_fluct_mean", "val_fluct_std", "val_fluct_max",
             # data-free students: student_test_acc_* is their last epoch; this is the best-on-val epoch's

@@ -278,7 +278,8 @@ class TensorDataModule(KdDataModule):
                   self.test_images, self.test_labels):
             a = t.detach().cpu().contiguous().numpy()
             h.update(str((a.dtype.str, a.shape)).encode())
-            h.update(memoryview(a).cast("B"))
+            if a.size:  # an empty split (data.val_split=0) is its shape alone
+                h.update(memoryview(a).cast("B"))
 
     def _loader(self, images, labels, batch_size, train: bool, shard: bool = True) -> TensorLoader:
         """Training shards are padded to equal sizes (DDP steps together); evaluation shards are not, so

@@ -22,6 +22,7 @@ from kdlab.modules.selfdistill import SelfDistillModule, self_teaching_layers
 from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.loggers import logger_entries
+from kdlab.pipeline.protocol import key_fields
 from kdlab.pipeline.runtime import compute_device, resolve_precision, sources_channels_last
 from kdlab.pipeline.source_cache import cache_enabled, source_outputs_cache, stage_view_caches, view_data_key
 from kdlab.pipeline.spec import StageSpec
@@ -98,6 +99,7 @@ def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) 
         "sources": source_keys, "distill": spec.distill, "stochastic": spec.stochastic,
         "optimizer": spec.optimizer, "scheduler": spec.scheduler, "max_epochs": spec.max_epochs,
         "seed": spec.seed, "trainer": trainer,
+        **key_fields(cfg, spec),  # the checkpoint it keeps, where not its best-on-validation epoch (protocols)
     }
     k = (cfg.get("distill") or {}).get("view_topk")
     if k is not None and data.train_views:  # taught from top-k logits: another student

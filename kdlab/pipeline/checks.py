@@ -11,6 +11,7 @@ from kdlab.distill.base import strategy_class
 from kdlab.errors import ConfigError, unknown_name
 from kdlab.models.factory import check_model_name
 from kdlab.models.released import released_arch
+from kdlab.pipeline import cards, protocol
 from kdlab.pipeline.loggers import check_loggers
 from kdlab.pipeline.runtime import sources_channels_last
 from kdlab.pipeline.spec import StageSpec, build_stages, deep_merge
@@ -138,6 +139,8 @@ def validate_stages(specs: list[StageSpec], cfg: dict[str, Any]) -> None:
     if (cfg.get("pipeline") or {}).get("data_free") and specs and not specs[-1].strategy_cls.data_free:
         raise ConfigError(f"pipeline=data_free needs a data-free strategy for its student (distill=dafl), got "
                           f"distill.strategy={specs[-1].distill.get('strategy')!r}")
+    protocol.check(cfg, specs)  # the protocol, each stage's keep (kdlab/pipeline/protocol.py)
+    cards.reference_report(cfg, specs)  # protocol=reference: the recipe has a card and every field names a value
     for s in specs:
         check_model_name(s.arch)  # zoo names, generic patterns (wrn_22_8) and library models (timm/<name>)
         if isinstance(s.pretrained, str) and not Path(s.pretrained).expanduser().is_file():

@@ -20,7 +20,9 @@ from kdlab.errors import (
     warn,
 )
 from kdlab.models.quant import quant_report
+from kdlab.pipeline import protocol
 from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
+from kdlab.pipeline.cards import reference_report, summary_line
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.environment import describe_environment
@@ -39,8 +41,11 @@ RESULTS_SCHEMA = 1
 STAGE_FIELDS = ("params", "epochs", "best_epoch", "val_acc", "test_acc", "test_acc_last", "train_seconds",
                 "samples_per_second", "val_curve", "extra_params", "stage_seconds")
 # data-free stages (DAFL): test_acc is the last epoch's, the best-on-val epoch's numbers are labelled;
-# pretrained: an imported library (or weights-file) stage, evaluated as it is, never trained
-OPTIONAL_STAGE_FIELDS = ("data_free", "test_acc_best_val", "val_acc_best", "pretrained")
+# pretrained: an imported library (or weights-file) stage, evaluated as it is, never trained; without a
+# validation split (protocol=reference) the per-epoch test curve, its best epoch and accuracy (named so: chosen on
+# the test split, choosing nothing else)
+OPTIONAL_STAGE_FIELDS = ("data_free", "test_acc_best_val", "val_acc_best", "pretrained", "test_acc_best_on_test",
+                         "best_epoch_on_test", "test_curve", "kept_epoch")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -58,6 +63,7 @@ def new_results(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         "schema": RESULTS_SCHEMA, "kdlab_version": kdlab.__version__,
         "environment": describe_environment(),
         "experiment": cfg.get("experiment_name") or "default", "method": cfg.get("method"),
+        "protocol": protocol.protocol_name(cfg), "reference": None,
         "dataset": (cfg.get("data") or {}).get("name"), "seed": cfg.get("seed"), "overrides": overrides,
         "status": "running", "stages": [], "final": None, "wall_seconds": None,
         "config": {k: v for k, v in flatten({k: cfg[k] for k in cfg if k not in ("hydra", "paths")}).items()
@@ -107,6 +113,7 @@ def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict
     out["quant"] = spec.model.get("quant")  # the model.quant block; null for a float stage
     out.update(quant_report(build_stage_model(spec, dm)))  # weight_bits, act_bits, size_bytes at those bits
     out.update({k: meta[k] for k in OPTIONAL_STAGE_FIELDS if k in meta})  # where they apply
+    out["kept"] = protocol.kept_of(meta)  # the checkpoint it stored and passed on (null: imported as it is)
     out["checkpoint"] = str(record.weights_path)
     out["csv_log"] = extra.get("csv_log")
     return out
@@ -137,7 +144,8 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                 atomic_write_json(results_path, results)  # progress, still status "running"
         last = results["stages"][-1]
         results["final"] = {"stage": last["name"], "test_acc": last["test_acc"],
-                            "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"]}
+                            "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"],
+                            **{k: last[k] for k in ("test_acc_best_on_test",) if k in last}}
         results["status"] = "completed"
     except BaseException as e:  # record every failure, then let the caller report it
         stop = record_failure(results, e, where)
@@ -179,6 +187,7 @@ def start_run(plain: dict[str, Any], run_dir: Path, results: dict[str, Any], syn
     here), every stage built once without training (:func:`check_stages`) and the view caches planned."""
     specs = build_stages(plain)
     validate_stages(specs, plain)
+    results["reference"] = reference_report(plain, specs)  # protocol=reference: the recipe's card vs this run
     store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
                                                                     .get("on_corrupt", "retrain")),
                        writer=sync.leader)
@@ -187,6 +196,8 @@ def start_run(plain: dict[str, Any], run_dir: Path, results: dict[str, Any], syn
     results["dataset"] = getattr(dm, "name", results["dataset"])
     if sync.leader:
         log.info("%s", run_summary(plain, dm, specs))
+        if results["reference"] is not None:  # changed fields: this run is not the reference run
+            (warn if results["reference"]["changed"] else log.info)(summary_line(results["reference"]))
         warn_if_growing(specs, dm)
     ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
                      dataset=str(results["dataset"]), group=run_group(plain, run_dir))

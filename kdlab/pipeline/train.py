@@ -29,6 +29,7 @@ from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.fidelity import keep_test_outputs
 from kdlab.pipeline.loggers import build_loggers, finish_loggers
+from kdlab.pipeline.protocol import accuracy_fields, eval_names, evaluates_on_test, fit_data, stage_keep
 from kdlab.pipeline.spec import StageSpec
 from kdlab.store import StageRecord
 from kdlab.store.fileio import load_weights
@@ -64,7 +65,7 @@ class StageOutcome:
     val_acc: float | None
     test_acc: float
     test_acc_last: float
-    val_curve: list[float]
+    val_curve: list[float] | None  # None without a validation split (its test_curve is in extra)
     epochs: int = 0
     best_epoch: int | None = None
     extra_params: int = 0
@@ -120,8 +121,10 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     if speed.get("compile"):
         module.model.compile()
     work = ctx.store.work_dir(key)
-    ckpt = ModelCheckpoint(dirpath=str(work), filename="best", monitor="val/acc", mode="max", save_last=True,
-                           save_top_k=1, enable_version_counter=False)
+    # the per-epoch evaluation: on the validation split, or on the test split without one (kdlab/pipeline/protocol.py)
+    module.eval_names, on_test, keep = eval_names(data), evaluates_on_test(data), stage_keep(ctx.cfg, spec)
+    ckpt = ModelCheckpoint(dirpath=str(work), filename="best", monitor=module.eval_names["acc"], mode="max",
+                           save_last=True, save_top_k=1, enable_version_counter=False)
     callbacks = [ckpt, *build_callbacks(ctx.cfg.get("callbacks"))]  # progress: Lightning's bar is rank 0's
     stage_info = {"name": spec.name, "role": spec.role, "arch": spec.arch, "method": ctx.method,
                   "dataset": ctx.dataset}
@@ -147,7 +150,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
     status = "failed"
     try:
         try:
-            trainer.fit(module, datamodule=module.fit_data(data) if data_free else data, ckpt_path=resume,
+            fitted = fit_data(data)  # without a validation split its per-epoch evaluation reads the test split
+            trainer.fit(module, datamodule=module.fit_data(fitted) if data_free else fitted, ckpt_path=resume,
                         weights_only=True)
         except OSError as e:  # e.g. a full disk while writing work/*.ckpt: the stage stays not done
             raise StoreError(f"stage {spec.name!r}: cannot write its checkpoints to {str(work)!r}: "
@@ -156,22 +160,23 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         if trainer.interrupted:
             raise TrainingError(f"stage {spec.name!r} was interrupted")
         test_last = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
-        test_outputs = module.test_outputs  # the last epoch's; the best epoch's replace them below
+        test_outputs = module.test_outputs  # the last epoch's; the kept best epoch's replace them below
         if not ckpt.best_model_path:
-            raise TrainingError(f"stage {spec.name!r}: no validation accuracy was recorded "
-                                f"(is the validation split empty?)")
+            raise TrainingError(f"stage {spec.name!r}: no per-epoch accuracy ({module.eval_names['acc']}) was "
+                                f"recorded")
         best_state = _state_from_lightning(load_weights(ckpt.best_model_path, "stage checkpoint", error=StoreError))
         trainer.strategy.barrier("kdlab-best-read")  # DDP: every rank has read it before rank 0 drops work/
-        # a data-free stage stores its last epoch (taken before the best checkpoint's weights are loaded)
+        # the last epoch's weights, taken before the best checkpoint's are loaded (kept with keep=last)
         last_state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()} \
-            if data_free else None
+            if keep == "last" else None
         curve = list(module.val_curve)
-        if curve and best_epoch_of(curve) == len(curve) - 1:
-            test_best = test_last  # the best epoch is the last one: same weights, no second test pass
+        if (curve and best_epoch_of(curve) == len(curve) - 1) or (on_test and keep == "last"):
+            test_best = test_last  # the same weights, or (on the test split) nothing chosen: no second test pass
         else:
             module.model.load_state_dict(best_state)
             test_best = float(trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"])
-            test_outputs = test_outputs if data_free else module.test_outputs  # those of the stored weights
+            if keep != "last":
+                test_outputs = module.test_outputs  # those of the stored weights
         status = "success"
     finally:
         finish_loggers(loggers, status)
@@ -181,16 +186,17 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
             module.close()
     curve = list(module.val_curve)
     val_best = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
+    # what the stage reports and keeps under its protocol (kdlab/pipeline/protocol.py): best_epoch, val_acc,
+    # test_acc, test_acc_last, the curve; data-free, best-on-test and kept fields as extras
+    acc = accuracy_fields(curve, on_test, keep, data_free, val_best, test_best, test_last)
     outcome = StageOutcome(
-        params=params, extra_params=extra, epochs=spec.max_epochs, best_epoch=best_epoch_of(curve),
-        val_acc=val_best, test_acc=test_best, test_acc_last=test_last, train_seconds=round(train_seconds, 3),
+        params=params, extra_params=extra, epochs=spec.max_epochs, best_epoch=acc.pop("best_epoch"),
+        val_acc=acc.pop("val_acc"), test_acc=acc.pop("test_acc"), test_acc_last=acc.pop("test_acc_last"),
+        train_seconds=round(train_seconds, 3),
         samples_per_second=round(module.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
-        val_curve=curve)
-    if data_free:  # choosing an epoch on real validation data uses data: the last epoch is the result
-        outcome.val_acc, outcome.test_acc = (curve[-1] if curve else None), test_last
-        outcome.extra = {"data_free": True, "test_acc_best_val": test_best, "val_acc_best": val_best}
-        best_state = last_state
-    record = commit_stage(spec, key, ctx, description, best_state, outcome, t_stage, test_outputs)
+        val_curve=acc.pop("val_curve"), extra=acc)
+    record = commit_stage(spec, key, ctx, description, last_state if keep == "last" else best_state, outcome,
+                          t_stage, test_outputs)
     csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
     return record, {"csv_log": str(csv_log) if csv_log is not None and csv_log.exists() else None}
 
@@ -228,9 +234,10 @@ def evaluate_and_commit(spec: StageSpec, key: str, ctx: RunContext, description:
     module = build_module(spec, model, {}, ctx, frozen=True)
     trainer = make_trainer(ctx, spec, max_epochs=1, logger=False, enable_progress_bar=False,
                            enable_checkpointing=False)
-    val = float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
+    val = None if evaluates_on_test(ctx.dm) else \
+        float(trainer.validate(module, datamodule=ctx.dm, verbose=False)[0]["val/acc"])
     test = float(trainer.test(module, datamodule=ctx.dm, verbose=False)[0]["test/acc"])
     model.to(memory_format=torch.contiguous_format)  # stored in the default format, however it was evaluated
     outcome = StageOutcome(params=count_params(model), val_acc=val, test_acc=test, test_acc_last=test,
-                           val_curve=[val], extra=extra_meta)
+                           val_curve=None if val is None else [val], extra=extra_meta)
     return commit_stage(spec, key, ctx, description, model.state_dict(), outcome, t_stage, module.test_outputs)

@@ -64,10 +64,12 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     for r in rows:
         exp = str(r["fields"].get("experiment"))
         free = bool(r.get("data_free"))
+        protocol = r.get("protocol", "heldout")  # another protocol than the study's is labelled in its row
         best = compare_tables.pct_pm(r.get("student_test_acc_best_val_mean", r["student_test_acc_mean"]),
                               r.get("student_test_acc_best_val_std", r["student_test_acc_std"]))
         last = compare_tables.pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"])
-        cells = [exp + (" †" if free else ""), str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
+        cells = [exp + (" †" if free else "") + ("" if protocol == "heldout" else f" [protocol {protocol}: "
+                                                     "best-on-val column = its last epoch]"), str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
                  best + (" †" if free else ""), f"**{last}**" if free else last,
                  compare_tables.pct(r["student_test_acc_range"]),
                  *([compare_tables.pct_pm(r["student_agreement_teacher_mean"], r["student_agreement_teacher_std"]),
@@ -166,6 +168,16 @@ def tables(study: dict, record: dict, out: Path, plots: bool,
     return blocks
 
 
+def protocol_label(collected: dict[str, tuple[list[dict], list[dict]]]) -> str:
+    """What the study's numbers are, by its runs' protocols (docs/pipelines.md#protocols)."""
+    protocols = sorted({r.get("protocol", "heldout") for rows, _ in collected.values() for r in rows} or {"heldout"})
+    held = "best-on-val = the epoch chosen on the held-out validation split, never on test"
+    if protocols == ["heldout"]:
+        return f"protocol heldout: {held}"
+    return (f"protocols {', '.join(protocols)} (each row labelled): heldout's {held}; reference's best-on-val column "
+            f"is its last epoch (no validation split)")
+
+
 def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None:
     """The tables of a finished study (``record``) into ``out``, and with --docs into the README."""
     out.mkdir(parents=True, exist_ok=True)
@@ -195,8 +207,7 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
               + f"` in {compare_tables.fmt_seconds(record['seconds'])} on {m['cpu']} "
               f"({m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}, 1-min load "
               f"{m['loadavg_start'][0]} at start), {record['started'][:10]}. Student test accuracy on each "
-              "recipe's test split, mean ± sample std over the seeds; "
-              "best-on-val = the epoch chosen on the held-out validation split, never on test.\n\n")
+              f"recipe's test split, mean ± sample std over the seeds; {protocol_label(collected)}.\n\n")
     (out / "results.md").write_text(header + md, encoding="utf-8")
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out / 'results.md'}, {out / 'study.json'}")

@@ -248,6 +248,21 @@ def test_val_split_disjoint_sized_and_seeded():
     assert not np.array_equal(a.val_index, c.val_index)
 
 
+def test_val_split_zero_holds_out_nothing():
+    """data.val_split=0 (protocol=reference): every training image trains, in order, and the split is none."""
+    dm = synth(val_split=0)
+    assert (dm.train_size, dm.val_size, dm.test_size) == (200, 0, 50)
+    assert dm.train_index.tolist() == list(range(200)) and dm.val_index.size == 0
+    held = synth(val_split=0.1)
+    every = torch.empty(200, 1, 28, 28, dtype=torch.uint8)
+    every[held.train_index], every[held.val_index] = held.train_images, held.val_images
+    assert torch.equal(dm.train_images, every)  # the same images, none held out
+    assert dm.fingerprint() != held.fingerprint()  # another split: another data identity (store key)
+    assert synth(val_split=0).fingerprint() == dm.fingerprint()
+    with pytest.raises(ConfigError, match=r"data.val_split must be a fraction in \[0, 0.9\]"):
+        synth(val_split=-0.1)
+
+
 def test_subset_and_bad_values():
     dm = synth(subset=100, val_split=0.1, test_subset=20)
     assert (dm.train_size, dm.val_size, dm.test_size) == (90, 10, 20)
@@ -259,7 +274,7 @@ def test_subset_and_bad_values():
     assert torch.equal(dm.val_images, every[dm.val_index])
     with pytest.raises(ConfigError, match="subset=500.*200"):
         synth(subset=500)
-    for bad in (0, 0.0, 0.95, -0.1, 1.0):
+    for bad in (0.95, -0.1, 1.0, "a"):  # 0 is no validation split (test_val_split_zero_holds_out_nothing)
         with pytest.raises(ConfigError, match="val_split"):
             synth(val_split=bad)
     with pytest.raises(ConfigError, match="test_subset=51.*50"):

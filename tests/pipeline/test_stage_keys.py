@@ -28,7 +28,8 @@ PIN = ("trainer.precision=32-true",)
 
 
 def cases() -> dict[str, list[str]]:
-    """{case name: overrides}: the default run, every recipe, every study sweep (first seed), every method."""
+    """{case name: overrides}: the default run, every recipe, every study sweep (first seed), every method, and every
+    recipe with a reference card under protocol=reference (its default pair)."""
     from omegaconf import OmegaConf
 
     out: dict[str, list[str]] = {"default": []}
@@ -41,6 +42,8 @@ def cases() -> dict[str, list[str]]:
             for e in sweep["experiments"]:  # named by the recipe's stem, its name in the study's tables
                 out[f"study={p.stem}/{i}/{e.rsplit('/', 1)[-1]}"] = [f"+experiment={e}", f"seed={study['seeds'][0]}",
                                                                      *extra]
+    for p in sorted((ROOT / "cards").glob("*.yaml")):
+        out[f"protocol=reference/experiment={p.stem}"] = [f"+experiment={p.stem}", "protocol=reference"]
     for p in sorted((ROOT / "conf" / "distill").glob("*.yaml")):
         if p.stem not in ("none", "dafl", "speq"):  # dafl / speq need their own pipelines (their recipes cover them)
             out[f"distill={p.stem}"] = [f"distill={p.stem}"]
