@@ -184,14 +184,18 @@ def summary() -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdlab.cards", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", help="a recipe with a card (conf/experiment/<recipe>.yaml, cards/<recipe>.yaml)")
     p.add_argument("overrides", nargs="*", help="overrides of the run (pair=<name>, trainer.max_epochs=10, ...)")
     p.add_argument("--command", action="store_true", help="print the reference run's command (the author's seeds)")
     p.add_argument("--docs", action="store_true", help="rewrite the card tables of docs/experiments.md")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = p.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:

@@ -20,7 +20,8 @@ SHELL_END = ("|", "||", "&&", ";", ">", ">>", "2>&1", "&")
 
 #: What the pages write for the reader's own values, and what the test puts in their place. A placeholder
 #: stands for a path or a value the reader chooses; each is replaced wherever it occurs in a command.
-#: ``{file}`` is an existing empty file (a teacher checkpoint or weights file the reader has).
+#: ``{file}`` is an existing empty file (a teacher checkpoint or weights file the reader has); ``{teachers}`` a
+#: folder holding an empty ``<arch>_vanilla/ckpt_epoch_240.pth`` for every released teacher.
 PLACEHOLDERS: dict[str, str] = {
     " ...": "",                                        # "python -m kdlab ..." (any overrides)
     "$(ARGS)": "",                                     # the Makefile's pass-through
@@ -28,6 +29,9 @@ PLACEHOLDERS: dict[str, str] = {
     "<sweep dir>": "outputs/multirun/2026-01-01/00-00-00",
     "pipeline.teacher_checkpoint=teacher.pt": "pipeline.teacher_checkpoint={file}",
     "model.pretrained=/models/resnet34_cifar100.pth": "model.pretrained={file}",
+    "teacher=released": "teacher=released paths.teachers_dir={teachers}",  # the reader's unpacked cifar_teachers
+    "paths.teachers_dir=/shared/cifar_teachers": "",
+    "<recipe>": "dkd_cifar100",                        # python -m kdlab.cards <recipe>
 }
 
 
