@@ -37,6 +37,21 @@ def load_study(name: str) -> dict:
             if e not in known:
                 raise ConfigError(f"study {name}: unknown experiment {e!r}; known: {', '.join(known)}")
         parts.setdefault(sw["part"], {"title": sw["part"]})
+    pub = cfg.get("published")
+    if pub is not None:  # a paper's table: every row a published figure, its experiment one the study runs
+        if not isinstance(pub, dict) or pub.get("part") not in parts or not isinstance(pub.get("rows"), list):
+            raise ConfigError(f"study {name}: 'published' needs 'part' (one of {', '.join(parts)}) and a 'rows' list")
+        ran = {e.rsplit("/", 1)[-1] for sw in cfg["sweeps"] if sw["part"] == pub["part"] for e in sw["experiments"]}
+        for row in pub["rows"]:
+            if not isinstance(row, dict) or "label" not in row or not isinstance(row.get("published"), (int, float)):
+                raise ConfigError(f"study {name}: published row {row!r} needs 'label' and a number 'published'")
+            if row.get("experiment") is None and not row.get("kdlab"):
+                raise ConfigError(f"study {name}: published row {row['label']!r} names no 'experiment'; say why "
+                                  f"kdlab has none in 'kdlab'")
+            if row.get("experiment") is not None and row["experiment"] not in ran:
+                raise ConfigError(f"study {name}: published row {row['label']!r} names experiment "
+                                  f"{row['experiment']!r}, which part {pub['part']} does not run; it runs "
+                                  f"{', '.join(sorted(ran))}")
     cfg.setdefault("seeds", [0, 1, 2])
     cfg.setdefault("overrides", [])
     cfg.setdefault("by", "experiment")

@@ -199,6 +199,12 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
             figure = f"\n![gain vs gap]({link})\n" if not a.no_plots else ""
             text = f"#### {cfg.get('title', 'Gain vs gap')}\n\n{cfg.get('note', '')}\n\n"
             blocks.insert(0, ("gain_vs_gap", text + gain_vs_gap.markdown(pts, cfg) + figure))
+    if study.get("published"):  # a paper's table beside kdlab's reproduction (kdlab/study/published.py)
+        from kdlab.study import published
+
+        text = published.markdown(study["published"], collected)
+        if text:
+            blocks.insert(0, ("published", text))
     md = "\n".join(b for _, b in blocks)
     seeds, extra, m = record["seeds"], record["overrides"], record["machine"]
     header = (f"Measured by `python -m kdlab.study {record['study']}"
