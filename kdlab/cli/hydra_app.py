@@ -183,4 +183,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     log.info("done: %s test_acc %.4f (last epoch %.4f%s); results in %s", final["stage"], final["test_acc"],
              final["test_acc_last"], "" if best_on_test is None else f", best test epoch {best_on_test:.4f}",
              run_dir / "results.json")
+    if not multirun:  # the default run (`make run`): its student against the README's figure for its seed
+        from kdlab.cli import expected
+
+        line = expected.compare(results, expected.load())
+        if line:
+            log.info(line)
     return None if final.get("val_acc") is None else float(final["val_acc"])  # what sweepers optimize
