@@ -114,6 +114,9 @@ def preflight(argv: list[str]) -> None:
         debug = bool(cfg.get("debug"))
         plain = OmegaConf.to_container(cfg, resolve=True)
         validate_config(plain)
+        from kdlab.cli.resources import check_settings
+
+        check_settings(plain.get("sweep") or {}, bool(args.multirun), [k for k in given if k.startswith("sweep.")])
         run_dirs = [ov.value() for ov in parsed if ov.key_or_group == f"hydra.{'sweep' if args.multirun else 'run'}.dir"]
         check_output_dir(str(run_dirs[-1]) if run_dirs else str((plain.get("paths") or {}).get("output_dir", ".")))
     except KdlabError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def new_results(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return {
         "schema": RESULTS_SCHEMA, "kdlab_version": kdlab.__version__,
-        "environment": describe_environment(),
+        "environment": describe_environment(cfg.get("trainer")),
         "experiment": cfg.get("experiment_name") or "default", "method": cfg.get("method"),
         "dataset": (cfg.get("data") or {}).get("name"), "seed": cfg.get("seed"), "overrides": overrides,
         "status": "running", "stages": [], "final": None, "wall_seconds": None,
@@ -111,15 +112,18 @@ def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict
     return out
 
 
-def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: list[str] | None = None
-                 ) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: list[str] | None = None, *,
+                 only: Collection[str] | None = None, results_name: str = "results.json") -> dict[str, Any]:
     """Run every stage of the configured pipeline; always leaves a results.json (completed, failed or
-    interrupted: SIGTERM / SIGINT raise :class:`kdlab.errors.Interrupted` while it runs)."""
+    interrupted: SIGTERM / SIGINT raise :class:`kdlab.errors.Interrupted` while it runs).
+
+    ``only``: just these stages (names closed under their sources; a sweep's shared stages trained before its
+    jobs, :mod:`kdlab.cli.sweeps`), the record written as ``results_name``."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = new_results(plain, list(overrides or []))
-    results_path = run_dir / "results.json"
+    results_path = run_dir / results_name
     t0 = time.perf_counter()
     sync = RankSync()  # DDP: rank 0 decides, looks up and writes; the other ranks follow (kdlab/store/stage_store.py)
     where = "before the first stage"  # named by a SIGTERM / SIGINT (Interrupted) and in results.json
@@ -127,6 +131,7 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     try:
         specs = build_stages(plain)
         validate_stages(specs, plain)
+        specs = [s for s in specs if only is None or s.name in only]
         store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
                                                                         .get("on_corrupt", "retrain")),
                            writer=sync.leader)
@@ -147,7 +152,7 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
             sources = {name: done[name] for name in spec.sources}
             description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
             key = stage_key(description)
-            with store.lock(key, spec.name):  # held while training: parallel runs wait, then reuse it
+            with store.lock(key, spec.name) as waited:  # held while training: parallel runs wait, then reuse it
                 if sync.leader:
                     record = store.lookup(key, spec.name)
                     imported = spec.checkpoint or spec.pretrained is not None
@@ -171,7 +176,8 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
                 else:
                     log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
             done[spec.name] = (spec, record)
-            results["stages"].append(stage_result(spec, record, cached, extra, dm))
+            results["stages"].append({**stage_result(spec, record, cached, extra, dm),
+                                      "lock_wait_seconds": round(waited.seconds, 3)})
             if sync.leader:
                 atomic_write_json(results_path, results)  # progress, still status "running"
         last = results["stages"][-1]
