@@ -109,6 +109,28 @@ def own_devices(trainer: dict[str, Any]) -> bool:
             or str(trainer.get("strategy") or "").startswith("ddp"))
 
 
+#: jobs at a time on a CPU-only machine at most (each job holds its own copy of the data and the libraries)
+MAX_CPU_JOBS = 8
+
+
+def parallel_jobs(requested: int | None = None) -> int:
+    """How many jobs of a sweep to run at once where the machine allows (``python -m kdlab.study`` and ``make
+    bench`` use it): ``requested`` if given, else one per GPU, else one per core (at most ``MAX_CPU_JOBS``), each
+    then with ``cores / jobs`` threads."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"jobs at a time must be a positive integer, got {requested}")
+        return requested
+    gpus = len(visible_gpus())
+    return gpus if gpus else min(usable_cores(), MAX_CPU_JOBS)
+
+
+def launcher_overrides(jobs: int) -> list[str]:
+    """kdlab's command-line overrides that run a sweep ``jobs`` at a time on this machine (none for one: the basic
+    launcher, in the launching process)."""
+    return [] if jobs <= 1 else ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity mask: taskset, SLURM, containers' cpusets)."""
     try:

@@ -198,6 +198,8 @@ def run_wave(config: DictConfig, kind: str, tasks: list[dict[str, Any]],
              plan: resources.SweepResources | None) -> list[dict[str, Any]]:
     """One wave's stages at once, through the sweep's launcher: joblib's workers (the same pool the jobs then
     use), or a submitit job array (local processes, or SLURM), waited for."""
+    if kind == "joblib" and len(tasks) == 1:  # one stage: in this process, warm, with every core (a worker
+        return [train_shared(tasks[0], here=True)]  # would first import the libraries: seconds, on the path)
     if kind == "joblib":
         from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
         from joblib import Parallel, delayed
@@ -230,14 +232,17 @@ def run_wave(config: DictConfig, kind: str, tasks: list[dict[str, Any]],
     return out
 
 
-def train_shared(task: dict[str, Any]) -> dict[str, Any]:
+def train_shared(task: dict[str, Any], here: bool = False) -> dict[str, Any]:
     """In a worker (joblib) or a submitit job: size this process as a job, then run ``task['stages']`` of
-    ``task['job']``'s pipeline (the shared stage, its sources from the store); returns what happened."""
+    ``task['job']``'s pipeline (the shared stage, its sources from the store); returns what happened.
+
+    ``here``: in the launching process, which only sets torch's threads for the stage (and puts them back): its
+    environment (threads, CUDA_VISIBLE_DEVICES) is what the launcher's workers inherit."""
     from kdlab.cli.logs import quiet_libraries
 
     run_dir = Path(task["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "shared.log")]
+    handlers = [logging.FileHandler(run_dir / "shared.log")] + ([] if here else [logging.StreamHandler(sys.stderr)])
     kdlab_log = logging.getLogger("kdlab")
     for h in handlers:
         h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -246,9 +251,20 @@ def train_shared(task: dict[str, Any]) -> dict[str, Any]:
     kdlab_log.setLevel(logging.INFO)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"status": "failed", "error": None, "trained": [], "pid": os.getpid()}
+    import torch
+
+    threads_before = torch.get_num_threads()
     try:
         quiet_libraries()
-        sized = resources.for_job(task["cfg"], task["job"], f"shared stage {task['stage']}: ", task["width"])
+        if here:
+            plan = resources.SweepResources.from_env()
+            threads = plan.user_threads or plan.cores if plan else threads_before
+            torch.set_num_threads(threads)
+            log.info("shared stage %s: %d thread(s), in the launching process", task["stage"], threads)
+            device = None
+        else:
+            sized = resources.for_job(task["cfg"], task["job"], f"shared stage {task['stage']}: ", task["width"])
+            device = sized[0].device if sized else None
         from kdlab.pipeline.runner import run_pipeline
 
         try:
@@ -260,14 +276,15 @@ def train_shared(task: dict[str, Any]) -> dict[str, Any]:
             out["error"] = str(e)
         except Exception as e:  # noqa: BLE001 - reported, and the jobs train it themselves
             out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-        import torch
-
         out["threads"] = torch.get_num_threads()
-        out["device"] = sized[0].device if sized else None
+        out["device"] = device
+        out["in_launching_process"] = here
     finally:
         out["seconds"] = round(time.perf_counter() - t0, 3)
         for h in handlers:
             kdlab_log.removeHandler(h)
             h.close()
         kdlab_log.setLevel(level)
+        if here:
+            torch.set_num_threads(threads_before)
     return out
