@@ -1,5 +1,6 @@
 """(l) A sweep on the whole machine: a 4-job sweep of students that share a teacher (``distill.temperature=2,4``
-x ``distill.lam=0.3,0.7``, plain8 -> plain2 by KD on Fashion-MNIST), run by the real command line
+x ``distill.lam=0.3,0.7``, plain8 -> plain2 by KD on 2,000 Fashion-MNIST images, 2 epochs per stage, the teacher
+run live in every student step as under augmentation), run by the real command line
 (``python -m kdlab -m ...``) in three ways, each from an empty store (so each trains the teacher once):
 
 * ``sequential``: the basic launcher, the jobs one after another in one process, torch's default threads (one
@@ -20,8 +21,7 @@ students: ``stage_seconds``), i.e. how much of the stages' work ran side by side
     python benchmarks/bench_sweeps.py            # or: make bench ARGS="--only sweeps"   (~8 min on 2 cores)
     python benchmarks/bench_sweeps.py --quick    # 2 jobs on 400 images (the smoke test, ~2 min)
 
-``--subset`` sets the training images, ``--epochs`` the students' epochs (the teacher trains twice as many),
-``--repeats`` the rounds.
+``--subset`` sets the training images, ``--epochs`` every stage's epochs, ``--repeats`` the rounds.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from common import Options, check, figure, ratio
 from kdlab.cli.resources import launcher_overrides, parallel_jobs, usable_cores
 
 SIZES = {  # training images (before the validation split), student epochs, teacher epochs, swept values
-    "default": {"subset": 5000, "epochs": 4, "teacher_epochs": 8, "sweep": ["distill.temperature=2,4",
+    "default": {"subset": 2000, "epochs": 2, "teacher_epochs": 2, "sweep": ["distill.temperature=2,4",
                                                                           "distill.lam=0.3,0.7"]},
     "quick": {"subset": 400, "epochs": 1, "teacher_epochs": 1, "sweep": ["distill.temperature=2,4"]},
 }
@@ -52,13 +52,14 @@ def sizes(o: Options) -> dict[str, Any]:
     if not o.quick and o.subset != Options().subset:
         size["subset"] = o.subset
     if not o.quick and o.epochs != Options().epochs:
-        size["epochs"], size["teacher_epochs"] = o.epochs, 2 * o.epochs
+        size["epochs"] = size["teacher_epochs"] = o.epochs
     return size
 
 
 def sweep_args(size: dict[str, Any], test_subset: int) -> list[str]:
     return [f"data.subset={size['subset']}", f"data.test_subset={test_subset}", "logger=csv",
             "callbacks.progress=none", "pipeline=direct", "pipeline.chain=[plain8,plain2]", "distill=kd",
+            "distill.cache=off",
             f"trainer.max_epochs={size['epochs']}", f"+pipeline.per_stage.teacher.max_epochs={size['teacher_epochs']}",
             *size["sweep"]]
 

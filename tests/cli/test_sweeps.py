@@ -17,8 +17,11 @@ import yaml
 from tests.helpers.cli import ROOT, SYNTH, kdlab_env, run_kdlab
 from tests.helpers.config import compose_dictconfig
 
-# Seconds per job: 1 epoch on 320 images; the time goes into process start-up, not training.
-TINY = ["+experiment=dgkd_synthetic_test", "data.n_train=320", "data.n_test=100", "trainer.max_epochs=1"]
+# Seconds per job: 1 epoch on 320 images; the time goes into process start-up, not training. On the CPU even where
+# there is a GPU: these sweeps check CPU threads (2 jobs at a time on one GPU would be bad input without
+# sweep.jobs_per_gpu=2; the GPU sweep is make check-gpu's).
+TINY = ["+experiment=dgkd_synthetic_test", "data.n_train=320", "data.n_test=100", "trainer.max_epochs=1",
+        "trainer.accelerator=cpu"]
 TWO_STAGES = ["pipeline=direct", "pipeline.chain=[plain4,plain2]", "distill.stochastic.mode=none"]
 
 
@@ -177,7 +180,8 @@ def test_methods_by_seeds_share_one_teacher_per_seed(tmp_path):
     per seed, trained once and reused by the other method; compare groups the runs by method."""
     sweep = tmp_path / "sweep"
     r = sweep_cli(["+experiment=kd_fashion_mnist,dgkd_fashion_mnist", "seed=0,1", "data.n_train=320",
-                   "data.n_test=100", "trainer.max_epochs=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                   "data.n_test=100", "trainer.max_epochs=1", "trainer.accelerator=cpu", "hydra/launcher=joblib",
+                   "hydra.launcher.n_jobs=2"],
                   tmp_path / "out", sweep, multirun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = list(job_results(sweep).values())
