@@ -119,6 +119,33 @@ def test_the_shared_teacher_trains_first_once_and_no_job_waits(joblib_sweep):
     assert not list(sweep.glob("shared/**/results.json"))  # never counted as a job (SweepStatus, compare)
 
 
+@pytest.mark.slow  # ~1 min of CLI runs: make test-slow
+def test_shared_stages_train_in_waves_the_tas_side_by_side(tmp_path):
+    """A teacher shared by 4 jobs, each TA by 2 (the TA's temperature is swept, then the student's): wave 1 trains
+    the teacher (alone: in the launching process, every core), wave 2 the two TAs at once in joblib's workers
+    (cores / 2 threads each); every stage once, and no job waits on a lock."""
+    sweep = tmp_path / "sweep"
+    r = sweep_cli([*TINY, "+pipeline.per_stage.ta1.distill.temperature=2,4",
+                   "+pipeline.per_stage.student.distill.temperature=2,4", "hydra/launcher=joblib",
+                   "hydra.launcher.n_jobs=2"], tmp_path / "out", sweep, multirun=True, env={"OMP_NUM_THREADS": None})
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = job_results(sweep)
+    plan = json.loads((sweep / "sweep_plan.json").read_text())
+    keys = {n: {s["name"]: s["store_key"] for s in res["stages"]} for n, res in jobs.items()}
+    assert len({k["teacher"] for k in keys.values()}) == 1 and len({k["ta1"] for k in keys.values()}) == 2
+    got = sorted((s["wave"], s["stage"], s["key"], tuple(s["jobs"]), s["trained"], s["in_launching_process"])
+                 for s in plan["shared"])
+    ta_jobs = sorted({tuple(sorted(int(n) for n in keys if keys[n]["ta1"] == k)) for k in {v["ta1"] for v in keys.values()}})
+    assert got == sorted([(0, "teacher", keys["0"]["teacher"], (0, 1, 2, 3), ["teacher"], True)]
+                         + [(1, "ta1", keys[str(js[0])]["ta1"], js, ["ta1"], False) for js in ta_jobs])
+    # sized as two at a time (in workers, the same per-job limits as the jobs)
+    assert {s["threads"] for s in plan["shared"] if s["wave"] == 1} == {max(1, usable_cores() // 2)}
+    for res in jobs.values():
+        assert [(s["name"], s["cached"], s["lock_wait_seconds"]) for s in res["stages"]] == \
+            [("teacher", True, 0.0), ("ta1", True, 0.0), ("student", False, 0.0)]
+    assert "training 3 shared stage(s) first, 2 wave(s): wave 1: teacher (jobs 0,1,2,3); wave 2: ta1" in r.stderr
+
+
 @pytest.mark.slow  # 20-40 s of CLI runs: make test-slow
 def test_opting_out_of_shared_first_and_the_users_thread_count(tmp_path):
     """sweep.shared_first=false: the jobs meet in the store as before (one trains the teacher, the other reuses
