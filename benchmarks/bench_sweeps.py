@@ -1,5 +1,5 @@
 """(l) A sweep on the whole machine: a 4-job sweep of students that share a teacher (``distill.temperature=2,4``
-x ``distill.lam=0.3,0.7``, plain8 -> plain2 by KD on 2,000 Fashion-MNIST images, 2 epochs per stage, the teacher
+x ``distill.lam=0.3,0.7``, plain8 -> plain2 by KD on 1,500 Fashion-MNIST images, 2 epochs per stage, the teacher
 run live in every student step as under augmentation), run by the real command line
 (``python -m kdlab -m ...``) in three ways, each from an empty store (so each trains the teacher once):
 
@@ -18,7 +18,7 @@ no slower); the threads each job reported in results.json (``environment.threads
 waiting on locks; the after sweep's wall time over the sum of its distinct stages' times (the teacher once, the 4
 students: ``stage_seconds``), i.e. how much of the stages' work ran side by side (< 1) after the start-up costs.
 
-    python benchmarks/bench_sweeps.py            # or: make bench ARGS="--only sweeps"   (~8 min on 2 cores)
+    python benchmarks/bench_sweeps.py            # or: make bench ARGS="--only sweeps"   (~6-8 min on 2 cores)
     python benchmarks/bench_sweeps.py --quick    # 2 jobs on 400 images (the smoke test, ~2 min)
 
 ``--subset`` sets the training images, ``--epochs`` every stage's epochs, ``--repeats`` the rounds.
@@ -38,10 +38,10 @@ from common import Options, check, figure, ratio
 
 from kdlab.cli.resources import launcher_overrides, parallel_jobs, usable_cores
 
-SIZES = {  # training images (before the validation split), student epochs, teacher epochs, swept values
-    "default": {"subset": 2000, "epochs": 2, "teacher_epochs": 2, "sweep": ["distill.temperature=2,4",
-                                                                          "distill.lam=0.3,0.7"]},
-    "quick": {"subset": 400, "epochs": 1, "teacher_epochs": 1, "sweep": ["distill.temperature=2,4"]},
+SIZES = {  # training images (before the validation split), test images, epochs of every stage, swept values
+    "default": {"subset": 1500, "test": 1000, "epochs": 2, "teacher_epochs": 2,
+                "sweep": ["distill.temperature=2,4", "distill.lam=0.3,0.7"]},
+    "quick": {"subset": 400, "test": 200, "epochs": 1, "teacher_epochs": 1, "sweep": ["distill.temperature=2,4"]},
 }
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
               "NUMEXPR_NUM_THREADS", "KDLAB_SWEEP_RESOURCES")
@@ -56,8 +56,8 @@ def sizes(o: Options) -> dict[str, Any]:
     return size
 
 
-def sweep_args(size: dict[str, Any], test_subset: int) -> list[str]:
-    return [f"data.subset={size['subset']}", f"data.test_subset={test_subset}", "logger=csv",
+def sweep_args(size: dict[str, Any]) -> list[str]:
+    return [f"data.subset={size['subset']}", f"data.test_subset={size['test']}", "logger=csv",
             "callbacks.progress=none", "pipeline=direct", "pipeline.chain=[plain8,plain2]", "distill=kd",
             "distill.cache=off",
             f"trainer.max_epochs={size['epochs']}", f"+pipeline.per_stage.teacher.max_epochs={size['teacher_epochs']}",
@@ -116,7 +116,7 @@ def run(o: Options) -> dict[str, Any]:
     size = sizes(o)
     cores = usable_cores()
     ways = variants(cores)
-    base = sweep_args(size, o.test_subset)
+    base = sweep_args(size)
     rounds = 1 if o.quick else max(1, o.repeats)
     runs: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
     for r in range(rounds):  # interleaved: the machine's drift hits every way alike
