@@ -17,6 +17,7 @@ Checks, each a subprocess with its own time limit and log (``<workdir>/logs/<che
   hub weights offline): 100 steps per stage;
 * ``sweep``: a two-job joblib sweep that must put its jobs on two different GPUs (``environment.device`` in each
   results.json), where the machine has two or more; else skipped;
+* ``ddp``: a three-stage pipeline with ``trainer=ddp`` on two GPUs (NCCL), where there are two; else skipped;
 * ``bench_gpu``: ``benchmarks/bench_gpu.py`` (KD epochs at CIFAR-100 and ImageNet shapes, fp32 and bf16:
   images/s and the fraction of the GPU's peak).
 
@@ -39,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ["tests", "dgkd_cifar100", "kd_imagenet", "sweep", "bench_gpu"]
+CHECKS = ["tests", "dgkd_cifar100", "kd_imagenet", "sweep", "ddp", "bench_gpu"]
 # seconds each check may take: 570 in all, so that the whole command (with the data, ~20 s) stays under 10 minutes
-LIMITS = {"tests": 120, "dgkd_cifar100": 90, "kd_imagenet": 120, "sweep": 60, "bench_gpu": 180}
+LIMITS = {"tests": 100, "dgkd_cifar100": 90, "kd_imagenet": 110, "sweep": 50, "ddp": 50, "bench_gpu": 170}
 # the tests whose code runs on a GPU where there is one (everything else in `make test` is CPU-only logic)
 GPU_TESTS = ["tests/data/test_imagefolder.py", "tests/modules/test_modules.py", "tests/pipeline/test_environment.py",
              "tests/pipeline/test_source_cache.py", "tests/pipeline/test_runner.py", "tests/cli/test_resources.py"]
@@ -83,6 +84,10 @@ def commands(work: Path, n_gpus: int) -> dict[str, list[str] | None]:
             "data.n_test=500", "pipeline=direct", "pipeline.chain=[resnet20,resnet8]", "distill=kd",
             "trainer.max_epochs=1", "distill.temperature=2,4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
             *common, f"hydra.sweep.dir={work / 'runs' / 'sweep'}"),
+        "ddp": None if n_gpus < 2 else kdlab(
+            "preset=none", "data=synthetic", "data.n_train=2048", "data.n_test=256", "data.batch_size=64",
+            "pipeline=dense", "pipeline.chain=[plain4,plain2,plain2]", "trainer=ddp", "trainer.accelerator=gpu",
+            "trainer.devices=2", "trainer.max_epochs=1", *common, f"hydra.run.dir={work / 'runs' / 'ddp'}"),
         "bench_gpu": [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--workdir", str(work / "bench"),
                       "--out", str(work / "bench_gpu.json")],
     }
@@ -106,7 +111,7 @@ def summarize(name: str, work: Path, rc: int, output: str) -> str:
     if name == "tests":
         last = [ln for ln in output.strip().splitlines() if ln.strip()]
         return last[-1].strip("= ") if last else f"exit {rc}"
-    if name in ("dgkd_cifar100", "kd_imagenet"):
+    if name in ("dgkd_cifar100", "kd_imagenet", "ddp"):
         return describe_run(work / "runs" / name / "results.json")
     if name == "sweep":
         devices = sweep_devices(work / "runs" / "sweep")
@@ -140,10 +145,11 @@ def sweep_devices(sweep: Path) -> list[str]:
 def passed(name: str, work: Path, rc: int) -> bool:
     if rc != 0:
         return False
-    if name in ("dgkd_cifar100", "kd_imagenet"):
+    if name in ("dgkd_cifar100", "kd_imagenet", "ddp"):
         path = work / "runs" / name / "results.json"
         res = json.loads(path.read_text()) if path.exists() else {}
-        return res.get("status") == "completed" and str((res.get("environment") or {}).get("device")).startswith("cuda")
+        device = str((res.get("environment") or {}).get("device"))
+        return res.get("status") == "completed" and device.startswith("cuda") and (name != "ddp" or "," in device)
     if name == "sweep":
         devices = sweep_devices(work / "runs" / "sweep")
         return len(devices) == 2 and len(set(devices)) == 2 and all(d.startswith("cuda:") for d in devices)

@@ -1,6 +1,6 @@
 """``make bench``: every kdlab speed figure, measured in one run on this machine, as a table and JSON.
 
-    make bench                          # all benchmarks, ~15-20 min on a 2-core CPU
+    make bench                          # all benchmarks, ~25 min on a 2-core CPU
     make bench ARGS=--quick             # tiny sizes: checks that every script works (the smoke test)
     make bench ARGS="--only stages,data"
     python benchmarks/run.py --memory-full   # (e) on the real 10-epoch `make run` (long)

@@ -21,7 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -198,8 +201,6 @@ def run_wave(config: DictConfig, kind: str, tasks: list[dict[str, Any]],
              plan: resources.SweepResources | None) -> list[dict[str, Any]]:
     """One wave's stages at once, through the sweep's launcher: joblib's workers (the same pool the jobs then
     use), or a submitit job array (local processes, or SLURM), waited for."""
-    if kind == "joblib" and len(tasks) == 1:  # one stage: in this process, warm, with every core (a worker
-        return [train_shared(tasks[0], here=True)]  # would first import the libraries: seconds, on the path)
     if kind == "joblib":
         from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
         from joblib import Parallel, delayed
@@ -208,6 +209,21 @@ def run_wave(config: DictConfig, kind: str, tasks: list[dict[str, Any]],
                   if k != "_target_"}
         params["backend"] = "loky"  # as Hydra's launcher: its workers are reused by the jobs
         process_joblib_cfg(params)
+        if len(tasks) == 1 and plan is not None:
+            # one stage: here, where the libraries are loaded, with every core; meanwhile the jobs' workers start
+            # and import them (tens of seconds on a loaded machine, otherwise on the sweep's path)
+            Path(plan.pins).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="warm-", dir=Path(plan.pins).parent))
+            warm = threading.Thread(target=warm_workers, args=(params, plan.parallel, folder), daemon=True)
+            warm.start()
+            try:
+                done = train_shared(tasks[0], here=True)
+            except BaseException:
+                (folder / "stop").touch()  # a signal: the workers stop waiting for each other
+                raise
+            warm.join()
+            shutil.rmtree(folder, ignore_errors=True)
+            return [done]
         return list(Parallel(**params)(delayed(train_shared)(t) for t in tasks))
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
@@ -230,6 +246,29 @@ def run_wave(config: DictConfig, kind: str, tasks: list[dict[str, Any]],
         except Exception as e:  # noqa: BLE001 - a lost job: the jobs that need its stage train it themselves
             out.append({"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]})
     return out
+
+
+def warm_workers(params: dict[str, Any], n: int, folder: Path) -> None:
+    """Start joblib's pool (the one Hydra's launcher then reuses: same arguments) and import the pipeline in ``n``
+    of its workers, each held until all ``n`` have (so that no worker takes two and leaves another cold)."""
+    from joblib import Parallel, delayed
+
+    try:
+        Parallel(**params)(delayed(_warm)(str(folder), n) for _ in range(n))
+    except Exception as e:  # noqa: BLE001 - only a head start: the jobs import what they need themselves
+        log.debug("warming joblib's workers: %s", e)
+
+
+def _warm(folder: str, n: int) -> int:
+    import kdlab.pipeline.runner  # noqa: F401 - torch, Lightning and the pipeline: what every job imports first
+
+    here = Path(folder)
+    (here / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (here / "stop").exists() and \
+            sum(1 for p in here.iterdir() if p.name != "stop") < n:
+        time.sleep(0.1)
+    return os.getpid()
 
 
 def train_shared(task: dict[str, Any], here: bool = False) -> dict[str, Any]:

@@ -43,7 +43,8 @@ def test_a_gpu_torch_cannot_use_is_an_error(check_gpu, monkeypatch, capsys, tmp_
 
 def test_unknown_check_is_bad_input(check_gpu, capsys):
     assert check_gpu.main(["--only", "tests,gpuz"]) == 2
-    assert "unknown check 'gpuz'; known: tests, dgkd_cifar100, kd_imagenet, sweep, bench_gpu" in capsys.readouterr().err
+    assert "unknown check 'gpuz'; known: tests, dgkd_cifar100, kd_imagenet, sweep, ddp, bench_gpu" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n_gpus", [1, 2])
@@ -53,8 +54,9 @@ def test_dry_run_lists_every_check(check_gpu, monkeypatch, capsys, tmp_path, n_g
     assert check_gpu.main(["--dry-run", "--workdir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split(":", 1)[0] for ln in lines] == check_gpu.CHECKS
-    sweep = next(ln for ln in lines if ln.startswith("sweep:"))
-    assert (sweep == "sweep: skipped (needs 2 GPUs)") == (n_gpus == 1)
+    for two in ("sweep", "ddp"):
+        line = next(ln for ln in lines if ln.startswith(f"{two}:"))
+        assert (line == f"{two}: skipped (needs 2 GPUs)") == (n_gpus == 1)
     assert sum(check_gpu.LIMITS.values()) <= 570  # with the data, the whole command within 10 minutes
 
 
@@ -80,6 +82,9 @@ def test_the_recipes_run_as_written_on_the_generated_data(check_gpu, tmp_path):
     for path in check_gpu.GPU_TESTS:
         assert (ROOT / path).is_file(), path
     assert cmds["bench_gpu"][1].endswith("benchmarks/bench_gpu.py")
+    ddp = compose_config(*overrides_of(cmds["ddp"]))
+    assert (ddp["trainer"]["strategy"], ddp["trainer"]["devices"], ddp["trainer"]["accelerator"]) == ("ddp", 2, "gpu")
+    assert check_gpu.commands(tmp_path, n_gpus=1)["ddp"] is None
 
 
 def test_the_generated_data_is_read_by_kdlabs_loaders(check_gpu, monkeypatch, tmp_path):
