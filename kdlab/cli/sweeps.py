@@ -214,7 +214,8 @@ def run_wave(config: DictConfig, kind: str, tasks: list[dict[str, Any]],
             # and import them (tens of seconds on a loaded machine, otherwise on the sweep's path)
             Path(plan.pins).parent.mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(prefix="warm-", dir=Path(plan.pins).parent))
-            warm = threading.Thread(target=warm_workers, args=(params, plan.parallel, folder), daemon=True)
+            sizing = {k: tasks[0]["cfg"].get(k) or {} for k in ("trainer", "sweep")}
+            warm = threading.Thread(target=warm_workers, args=(params, plan.parallel, folder, sizing), daemon=True)
             warm.start()
             try:
                 done = train_shared(tasks[0], here=True)
@@ -248,18 +249,21 @@ def run_wave(config: DictConfig, kind: str, tasks: list[dict[str, Any]],
     return out
 
 
-def warm_workers(params: dict[str, Any], n: int, folder: Path) -> None:
+def warm_workers(params: dict[str, Any], n: int, folder: Path, sizing: dict[str, Any]) -> None:
     """Start joblib's pool (the one Hydra's launcher then reuses: same arguments) and import the pipeline in ``n``
     of its workers, each held until all ``n`` have (so that no worker takes two and leaves another cold)."""
     from joblib import Parallel, delayed
 
     try:
-        Parallel(**params)(delayed(_warm)(str(folder), n) for _ in range(n))
+        Parallel(**params)(delayed(_warm)(str(folder), n, sizing) for _ in range(n))
     except Exception as e:  # noqa: BLE001 - only a head start: the jobs import what they need themselves
         log.debug("warming joblib's workers: %s", e)
 
 
-def _warm(folder: str, n: int) -> int:
+def _warm(folder: str, n: int, sizing: dict[str, Any]) -> int:
+    # the worker's threads and GPU first, as a job would take them: CUDA reads CUDA_VISIBLE_DEVICES once, the first
+    # time anything asks it about devices, and a library may ask when it is imported
+    resources.for_job(sizing, 0, "worker: ")
     import kdlab.pipeline.runner  # noqa: F401 - torch, Lightning and the pipeline: what every job imports first
 
     here = Path(folder)
@@ -290,20 +294,23 @@ def train_shared(task: dict[str, Any], here: bool = False) -> dict[str, Any]:
     kdlab_log.setLevel(logging.INFO)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"status": "failed", "error": None, "trained": [], "pid": os.getpid()}
-    import torch
-
-    threads_before = torch.get_num_threads()
+    threads_before = None
     try:
         quiet_libraries()
         if here:
+            import torch
+
             plan = resources.SweepResources.from_env()
+            threads_before = torch.get_num_threads()
             threads = plan.user_threads or plan.cores if plan else threads_before
             torch.set_num_threads(threads)
             log.info("shared stage %s: %d thread(s), in the launching process", task["stage"], threads)
             device = None
-        else:
+        else:  # a worker: sized as a job before anything imports torch
             sized = resources.for_job(task["cfg"], task["job"], f"shared stage {task['stage']}: ", task["width"])
             device = sized[0].device if sized else None
+        import torch
+
         from kdlab.pipeline.runner import run_pipeline
 
         try:
@@ -324,6 +331,6 @@ def train_shared(task: dict[str, Any], here: bool = False) -> dict[str, Any]:
             kdlab_log.removeHandler(h)
             h.close()
         kdlab_log.setLevel(level)
-        if here:
+        if threads_before is not None:
             torch.set_num_threads(threads_before)
     return out

@@ -131,7 +131,6 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     try:
         specs = build_stages(plain)
         validate_stages(specs, plain)
-        specs = [s for s in specs if only is None or s.name in only]
         store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
                                                                         .get("on_corrupt", "retrain")),
                            writer=sync.leader)
@@ -148,6 +147,8 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
         ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
         done: dict[str, tuple[StageSpec, StageRecord]] = {}
         for spec in specs:
+            if only is not None and spec.name not in only:
+                continue  # planned with the others above: the same keys as the whole pipeline's
             where = f"during stage {spec.name}"
             sources = {name: done[name] for name in spec.sources}
             description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
