@@ -133,7 +133,7 @@ def test_a_process_keeps_its_gpu_pin(tmp_path, no_pin):
 
 
 def test_a_job_beyond_the_gpus_waits_for_a_pin(tmp_path, no_pin):
-    other = FileLock(str(tmp_path / "pin-0.lock"))
+    other = FileLock(str(tmp_path / "pin-0.lock"), thread_local=False)  # released by the timer's thread
     other.acquire(timeout=0)
     timer = threading.Timer(1.0, other.release)  # that job ends in 1 s
     timer.start()
