@@ -213,9 +213,15 @@ def test_methods_by_seeds_share_one_teacher_per_seed(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = list(job_results(sweep).values())
     assert sorted((res["method"], res["seed"]) for res in jobs) == [("dgkd", 0), ("dgkd", 1), ("kd", 0), ("kd", 1)]
+    plan = json.loads((sweep / "sweep_plan.json").read_text())
+    trained_first = {s["key"]: s for s in plan["shared"]}
     for seed in (0, 1):
         teachers = [stage(res, "teacher") for res in jobs if res["seed"] == seed]
-        assert len({t["store_key"] for t in teachers}) == 1 and sum(not t["cached"] for t in teachers) == 1
+        assert len({t["store_key"] for t in teachers}) == 1 and all(t["cached"] for t in teachers)
+        # trained once, before the jobs: both teachers in one wave, side by side
+        first = trained_first[teachers[0]["store_key"]]
+        assert (first["stage"], first["wave"], first["trained"]) == ("teacher", 0, ["teacher"])
+    assert len(trained_first) == 2
     r = compare(sweep, "--no-plots")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["group"]: row for row in csv.DictReader((sweep / "comparison.csv").open())}
