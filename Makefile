@@ -52,7 +52,7 @@ check-gpu: install
 study: install
 	$(PY) -m kdlab.study fashion_mnist --docs $(ARGS)
 
-# the capacity-gap study (conf/study/capacity_gap.yaml): tables, gain-vs-gap figure, the README's block
+# the capacity-gap study (studies/capacity_gap.yaml): tables, gain-vs-gap figure, the README's block
 study-gap: install
 	$(PY) -m kdlab.study capacity_gap --docs $(ARGS)
 

@@ -95,16 +95,16 @@ def run(o: Options) -> dict[str, Any]:
     figs = [
         figure("h_dropped", f"2. dropped sources not run (drop_k=1 of {K}): forward calls == kept batches",
                1.0 if dropped_not_run else 0.0, "", "== 1 (yes)", dropped_not_run,
-               f"calls {train_calls} over {len(kept_names)} batches ({K - 1} of {K} kept per batch)"),
+               f"calls {train_calls} over {len(kept_names)} batches ({K - 1} of {K} kept per batch)", any_size=True),
         figure("h_inference", "2. sources run under torch.inference_mode (share of source forwards)",
                round(modes[(True, False)] / max(sum(modes.values()), 1), 3), "", "== 1", inference_only,
-               f"(inference_mode, grad_enabled) counts: { {str(k): v for k, v in modes.items()} }"),
+               f"(inference_mode, grad_enabled) counts: { {str(k): v for k, v in modes.items()} }", any_size=True),
         figure("h_eval", "2. source forwards during validation/test of the student", eval_calls, "calls", "== 0",
-               eval_calls == 0, "each source is evaluated once, when it is trained as its own stage"),
+               eval_calls == 0, "each source is evaluated once, when it is trained as its own stage", any_size=True),
         figure("h_syncs", "2. host-reading ops per training step (.item()/bool()/unique)", round(syncs, 2),
                "per step", "<= 1", syncs <= 1.0,
                f"{per_step} over {steps} profiled steps: the NaN check, every step on CPU (no sync there), "
-               "every 25th step on a GPU; metrics are accumulated on the device"),
+               "every 25th step on a GPU; metrics are accumulated on the device", any_size=True),
     ]
     return {"name": "hotpath", "figures": figs,
             "details": {"train_calls": train_calls, "expected": dict(expected), "modes": {str(k): v for k, v in

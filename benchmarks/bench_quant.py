@@ -499,7 +499,7 @@ def run(o: Options) -> dict[str, Any]:
     figs.append(figure("j_crosscheck_ao", "j. kdlab 4-bit ActQuant vs torch.fake_quantize_per_tensor_affine, same grid",
                        cc["same_grid_max_abs_diff"], "", "== 0", cc["same_grid_max_abs_diff"] == 0.0,
                        f"{cc['same_grid_differing']} of {cc['elements']} differ (step {cc['step']:.4g}); "
-                       f"vs torch.ao's observer grid: max {cc['observer_grid_max_abs_diff']:.3g}"))
+                       f"vs torch.ao's observer grid: max {cc['observer_grid_max_abs_diff']:.3g}", any_size=True))
     return {"name": "quant", "figures": figs,
             "details": {"runs": runs, "best": best, "batch": batch, "epochs": epochs, "arch": ARCH,
                         "quant": {"weight_bits": WEIGHT_BITS, "act_bits": ACT_BITS, "first_last": "8bit"},

@@ -7,7 +7,10 @@
 
 Each benchmark is its own script (benchmarks/bench_*.py, runnable alone) and runs in its own process, one
 after the other; their JSON is collected into benchmarks/results/bench.json (``--out``) and the table is
-printed and written next to it as bench.md. Logs of every script: <workdir>/logs/. Missed targets are
+printed and written next to it as bench.md. A subset (``--only``, ``--skip``) writes bench-partial.json and
+``--quick`` bench-quick.json (git-ignored), never the full run's files; ``--docs`` takes a full run only.
+At ``--quick`` size only the targets that hold at any size (exact counts) are judged; the others are shown,
+not judged (tiny stages time start-up, not work). Logs of every script: <workdir>/logs/. Missed targets are
 reported (column "ok"), not errors; the exit status is 1 only if a benchmark failed to run (or, with
 ``--strict``, missed a target).
 """
@@ -67,6 +70,7 @@ def run_one(name: str, argv: list[str], o: common.Options, inproc: bool, timeout
         else:
             tail = log.read_text(errors="replace").strip().splitlines()[-12:]
             result = {"name": name, "error": f"exit {rc}; log {log}:\n" + "\n".join(tail), "figures": []}
+    common.judge(result.get("figures", []), o.quick)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     return result
@@ -131,6 +135,11 @@ def write_docs(report: dict[str, Any], docs: dict[Path, bool] | None = None) -> 
             doc.write_text(head + BEGIN + "\n" + markdown(report, headline) + END + rest.split(END, 1)[1])
 
 
+def default_out(quick: bool, partial: bool) -> Path:
+    """Where a run's JSON goes by default: only a full run replaces the committed bench.json / bench.md."""
+    return HERE / "results" / ("bench-quick.json" if quick else "bench-partial.json" if partial else "bench.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_options(ap)
@@ -139,7 +148,8 @@ def main() -> None:
     ap.add_argument("--inproc", action="store_true", default=None,
                     help="run the benchmarks in this process (default with --quick: saves the imports)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON report (default benchmarks/results/bench.json; bench-quick.json with --quick)")
+                    help="JSON report (default benchmarks/results/bench.json for a full run; bench-quick.json with "
+                         "--quick, bench-partial.json with --only / --skip: neither replaces the full run's)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per benchmark")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--docs", action="store_true", help="also put the table into docs/performance.md and the "
@@ -153,10 +163,14 @@ def main() -> None:
     unknown = sorted(set(names) - set(BENCHES))
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHES)}")
+    partial = names != BENCHES
+    if a.docs and (a.quick or partial):
+        ap.error("--docs writes a full run's figures into the README and docs/performance.md; drop "
+                 + ("--quick" if a.quick else "--only / --skip"))
     inproc = a.quick if a.inproc is None else a.inproc
     argv = [arg for arg in sys.argv[1:] if arg not in ("--inproc", "--strict", "--docs")]
     argv = _strip(argv, ("--only", "--skip", "--out", "--timeout"))
-    out = a.out or HERE / "results" / ("bench-quick.json" if a.quick else "bench.json")
+    out = a.out or default_out(a.quick, partial)
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     results: dict[str, Any] = {}

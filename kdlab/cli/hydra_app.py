@@ -185,6 +185,8 @@ def hydra_entry(cfg: DictConfig) -> float | None:
             sys.exit(1)
         return None
     final = results["final"]
-    log.info("done: %s test_acc %.4f (last epoch %.4f); results in %s", final["stage"], final["test_acc"],
-             final["test_acc_last"], run_dir / "results.json")
+    best_on_test = final.get("test_acc_best_on_test")  # no validation split: the best test epoch, named so
+    log.info("done: %s test_acc %.4f (last epoch %.4f%s); results in %s", final["stage"], final["test_acc"],
+             final["test_acc_last"], "" if best_on_test is None else f", best test epoch {best_on_test:.4f}",
+             run_dir / "results.json")
     return None if final.get("val_acc") is None else float(final["val_acc"])  # what sweepers optimize

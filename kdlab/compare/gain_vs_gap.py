@@ -1,6 +1,6 @@
 """Gain vs gap: does distillation help more when the teacher is further above the student?
 
-A capacity-gap study (``conf/study/capacity_gap.yaml``) has one part per student size, each with the student
+A capacity-gap study (``studies/capacity_gap.yaml``) has one part per student size, each with the student
 trained alone (its ``baseline``) and the methods, all taught by one teacher. Per part:
 
 * gap = the teacher's test accuracy minus the student-alone mean (pp), the x of the figure;

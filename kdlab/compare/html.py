@@ -103,7 +103,7 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
         text = table_note(name, rows)
         if text:
             parts.append(f"<p class='meta'>{e(text[0].upper() + text[1:])}.</p>")
-        parts.append(html_table(head, body, n_keys=len(by)))
+        parts.append(html_table(head, body, n_keys=len(by) + ("protocol" not in by)))
     captions = {"chain": "Test accuracy of every stage along the chain (mean ± std over runs).",
                 "student": "Student test accuracy per group (best-on-val and last epoch; error bars: std).",
                 "val_curves": "Validation accuracy per epoch, per stage (thin: runs, thick: group mean).",
@@ -126,12 +126,21 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
                                    wrap=(0, 1)))
     keys = [*by, *(["seed"] if "seed" not in by else [])]
     k = rows[0]["last_k"] if rows else DEFAULT_LAST_K
+    done = [r for r in runs if r.get("status") == "completed"]
+    fidelity = any(student_stage(r).get("ece") is not None for r in done)  # runs of an older kdlab have none
+
+    def fidelity_cells(s: dict) -> list[str]:
+        kl = s.get("kl_teacher")
+        return [pct(s.get("agreement_teacher")), "-" if kl is None else f"{kl:.3f}", pct(s.get("ece"))] \
+            if fidelity else []
+
     per_run = [[*(str(hashable(get_field(r, f))) if get_field(r, f) is not MISSING else "-" for f in keys),
                 pct(student_stage(r).get("test_acc")), pct(student_stage(r).get("test_acc_last")),
-                pct(val_fluctuation(val_curve(student_stage(r), r["_dir"]), k)),
-                fmt_seconds(r.get("wall_seconds")), relative_to(r["_path"], root)] for r in runs
-               if r.get("status") == "completed"]
-    head = [*keys, "student test acc %", "last-epoch %", f"val fluct. last {k} (pp)", "wall time", "results.json"]
+                *fidelity_cells(student_stage(r)), pct(val_fluctuation(val_curve(student_stage(r), r["_dir"]), k)),
+                fmt_seconds(r.get("wall_seconds")), relative_to(r["_path"], root)] for r in done]
+    head = [*keys, "student test acc %", "last-epoch %",
+            *(["agreement with teacher %", "KL to teacher (nats)", "ECE %"] if fidelity else []),
+            f"val fluct. last {k} (pp)", "wall time", "results.json"]
     parts.append(f"<h2>Runs</h2><details><summary>{len(per_run)} completed run(s)</summary>"
                  + html_table(head, per_run, n_keys=len(keys), wrap=(len(head) - 1,)) + "</details>")
     parts.append("</body></html>")

@@ -23,7 +23,11 @@ RESULTS_NAME = "results.json"
 DEFAULT_BY = ("method",)
 DEFAULT_LAST_K = 5
 GENERATED_DIR = "generated"  # <run dir>/generated/<stage>/epoch_NNN.png (kdlab/modules/datafree.py)
-TOP_LEVEL_FIELDS = ("method", "dataset", "seed", "experiment", "status", "kdlab_version")
+TOP_LEVEL_FIELDS = ("method", "dataset", "seed", "experiment", "status", "kdlab_version", "protocol")
+#: results.json's ``protocol`` (docs/pipelines.md#protocols); runs written before it existed were held out
+DEFAULT_PROTOCOL = "heldout"
+# a stage's fidelity to its teacher and calibration on the test split (results.json; kdlab/modules/fidelity.py)
+FIDELITY_METRICS = ("agreement_teacher", "kl_teacher", "ece")
 
 
 def warn(msg: str) -> None:
@@ -124,6 +128,8 @@ MISSING = object()
 
 def get_field(run: dict, field: str) -> object:
     """A run's value for ``field``: top-level key, config field (flat or nested), override, or dotted path."""
+    if field == "protocol":  # runs written before protocols existed were held out
+        return protocol_of(run)
     if field in run and not isinstance(run[field], (dict, list)):
         return run[field]
     config = run.get("config") or {}
@@ -149,8 +155,9 @@ def hashable(v: object) -> object:
 
 
 def val_curve(stage: dict, run_dir: str | None = None) -> list[float]:
-    """A stage's validation accuracy per epoch: ``val_curve``, else its Lightning CSV log."""
-    curve = stage.get("val_curve")
+    """A stage's per-epoch evaluation: ``val_curve``, its ``test_curve`` where it has no validation split
+    (protocol=reference), else its Lightning CSV log."""
+    curve = stage.get("val_curve") or stage.get("test_curve")
     if isinstance(curve, list) and curve:
         return [float(v) for v in curve if is_number(v)]
     log = stage.get("csv_log")
@@ -211,6 +218,11 @@ def generated_grids(run: dict) -> list[dict]:
     return out
 
 
+def protocol_of(run: dict) -> str:
+    """The run's protocol: ``heldout`` (a validation split chooses the epoch) or ``reference`` (the paper's run)."""
+    return str(run.get("protocol") or DEFAULT_PROTOCOL)
+
+
 def run_label(run: dict) -> str:
     return f"{run.get('experiment') or run.get('method') or '-'}, seed {run.get('seed', '-')}"
 
@@ -230,10 +242,13 @@ def _sort_key(values: tuple) -> tuple:
     return tuple((2, "") if v is None else (0, v) if is_number(v) else (1, str(v)) for v in values)
 
 
-def group_label(fields: dict) -> str:
+def group_label(fields: dict, protocol: str = DEFAULT_PROTOCOL) -> str:
+    """The group's name; a group of another protocol than the default is labelled with it."""
     if list(fields) == ["method"]:
-        return str(fields["method"])
-    return ", ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
+        label = str(fields["method"])
+    else:
+        label = ", ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
+    return label if protocol == DEFAULT_PROTOCOL or "protocol" in fields else f"{label} [{protocol}]"
 
 
 def known_fields(runs: list[dict]) -> list[str]:
@@ -260,21 +275,22 @@ def merge_order(chains: Iterable[list[str]]) -> list[str]:
 
 
 def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DEFAULT_LAST_K) -> list[dict]:
-    """One row per group of runs. Completed runs give the statistics; failed ones are counted."""
+    """One row per group of runs. Completed runs give the statistics; failed ones are counted. Runs of two
+    protocols are never one group: the protocol is part of every group's key (``row["protocol"]``)."""
     by = list(by)
     for f in by:
         if all(get_field(r, f) is MISSING for r in runs):
             raise ConfigError(f"unknown --by field {f!r}: no run has it; known: {', '.join(known_fields(runs))}")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault(tuple(hashable(get_field(r, f)) for f in by), []).append(r)
+        groups.setdefault((protocol_of(r), *(hashable(get_field(r, f)) for f in by)), []).append(r)
     rows = []
-    for key in sorted(groups, key=_sort_key):
+    for key in sorted(groups, key=lambda k: (k[0] != DEFAULT_PROTOCOL, k[0], _sort_key(k[1:]))):
         members = groups[key]
         done = [r for r in members if r.get("status") == "completed"]
         students = [student_stage(r) for r in done]
-        fields = dict(zip(by, key))
-        row = {"group": group_label(fields), "fields": fields, "n": len(done),
+        fields = dict(zip(by, key[1:]))
+        row = {"group": group_label(fields, key[0]), "fields": fields, "protocol": key[0], "n": len(done),
                "n_failed": len(members) - len(done), "last_k": last_k,
                "student_stage": students[0].get("name") if students else None}
         best = [s.get("test_acc", (r.get("final") or {}).get("test_acc")) for r, s in zip(done, students)]
@@ -283,9 +299,17 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
         best_val = [s.get("test_acc_best_val", b) if s.get("data_free") else b for s, b in zip(students, best)]
         row["data_free"] = any(s.get("data_free") is True for s in students)
         row["accuracies"] = [(r.get("seed"), b) for r, b in zip(done, best)]  # (seed, acc): kdlab.compare.paired
+        # the student's fidelity and calibration: per seed for the pairs, mean and std over runs
+        row["per_seed"] = {m: [(r.get("seed"), s.get(m)) for r, s in zip(done, students)] for m in FIDELITY_METRICS}
+        for m in FIDELITY_METRICS:
+            st = stats(s.get(m) for s in students)
+            row.update({f"student_{m}_mean": st["mean"], f"student_{m}_std": st["std"], f"student_{m}_n": st["n"]})
+        row["student_agreement"] = source_agreement(students)
         for prefix, values in (("student_test_acc", best),
                                ("student_test_acc_last", [s.get("test_acc_last") for s in students]),
-                               ("student_test_acc_best_val", best_val)):
+                               ("student_test_acc_best_val", best_val),
+                               # protocol=reference: the best test epoch (chosen on the test split, so named)
+                               ("student_test_acc_best_on_test", [s.get("test_acc_best_on_test") for s in students])):
             row.update({f"{prefix}_{k}": v for k, v in stats(values).items() if k != "n"})
         params = stats(s.get("params") for s in students)["mean"]
         row["student_params"] = None if params is None else round(params)
@@ -307,12 +331,29 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
         for name in chain:
             st = [s for r in done for s in r.get("stages") or [] if str(s.get("name")) == name]
             acc = stats(s.get("test_acc") for s in st)
+            ece = stats(s.get("ece") for s in st)
             row["stages"][name] = {"role": st[0].get("role"), "mean": acc["mean"], "std": acc["std"],
-                                   "n": acc["n"], "params": st[0].get("params")}
+                                   "n": acc["n"], "params": st[0].get("params"), "ece_mean": ece["mean"],
+                                   "ece_std": ece["std"]}
         row["val_curves"] = curves
         row["generated_grids"] = [g["path"] for r in done for g in generated_grids(r) if g["path"]]
         rows.append(row)
     return rows
+
+
+def source_agreement(students: list[dict]) -> dict[str, dict]:
+    """{source name: mean, std and n of the students' top-1 agreement with it}, sources in the students' order."""
+    names = merge_order([[str(k) for k in s["agreement"]] for s in students if isinstance(s.get("agreement"), dict)])
+    out = {}
+    for name in names:
+        st = stats(s["agreement"].get(name) for s in students if isinstance(s.get("agreement"), dict))
+        out[name] = {"mean": st["mean"], "std": st["std"], "n": st["n"]}
+    return out
+
+
+def has_fidelity(rows: list[dict]) -> bool:
+    """Whether any group's students report fidelity or calibration (runs of an older kdlab do not)."""
+    return any(r.get(f"student_{m}_n") for r in rows for m in FIDELITY_METRICS)
 
 
 def all_stage_names(rows: list[dict]) -> list[str]:

@@ -10,9 +10,20 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kdlab.compare.runs import DEFAULT_LAST_K, all_stage_names, generated_grids, relative_to, run_label
+from kdlab.compare.runs import (
+    DEFAULT_LAST_K,
+    DEFAULT_PROTOCOL,
+    FIDELITY_METRICS,
+    all_stage_names,
+    generated_grids,
+    has_fidelity,
+    relative_to,
+    run_label,
+)
 
 PAIRED_TITLE = "Paired comparison (student test accuracy, runs sharing a seed)"
+FIDELITY_TITLE = "Fidelity and calibration"
+PAIRED_FIDELITY_TITLE = "Paired comparison (student fidelity and calibration, runs sharing a seed)"
 
 
 def pct(x: float | None) -> str:
@@ -23,6 +34,18 @@ def pct_pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
     return f"{100 * mean:.2f} ± {'-' if std is None else f'{100 * std:.2f}'}"
+
+
+def nats_pm(mean: float | None, std: float | None) -> str:
+    """A KL divergence in nats, 3 decimals, mean ± std."""
+    if mean is None:
+        return "-"
+    return f"{mean:.3f} ± {'-' if std is None else f'{std:.3f}'}"
+
+
+def agreement_cell(agreement: dict[str, dict]) -> str:
+    """The students' agreement with each source, in %: ``teacher 91.20, ta1 93.05``."""
+    return ", ".join(f"{name} {pct(a['mean'])}" for name, a in agreement.items()) or "-"
 
 
 def fmt_params(n: float | None) -> str:
@@ -55,20 +78,25 @@ def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None =
     k = rows[0]["last_k"] if rows else DEFAULT_LAST_K
     names = all_stage_names(rows)
 
-    def keys(r: dict) -> list[str]:
-        return ["-" if r["fields"][f] is None else str(r["fields"][f]) for f in by]
+    # every number is labelled with its protocol (docs/pipelines.md#protocols): a column of its own
+    key_head = [*by, *([] if "protocol" in by else ["protocol"])]
 
-    acc_head = [*by, "n", "failed", "student test acc %", "last-epoch acc %", "min", "max", "range",
-                "student params", "wall time"]
+    def keys(r: dict) -> list[str]:
+        own = ["-" if r["fields"][f] is None else str(r["fields"][f]) for f in by]
+        return own + ([] if "protocol" in by else [str(r.get("protocol", DEFAULT_PROTOCOL))])
+
+    acc_head = [*key_head, "n", "failed", "student test acc %", "last-epoch acc %", "best-on-test acc %", "min",
+                "max", "range", "student params", "wall time"]
     acc = [[*keys(r), str(r["n"]), str(r["n_failed"]),
             pct_pm(r["student_test_acc_mean"], r["student_test_acc_std"]),
             pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"]),
+            pct_pm(r.get("student_test_acc_best_on_test_mean"), r.get("student_test_acc_best_on_test_std")),
             pct(r["student_test_acc_min"]), pct(r["student_test_acc_max"]), pct(r["student_test_acc_range"]),
             fmt_params(r["student_params"]), fmt_seconds(r["wall_seconds_mean"])] for r in rows]
-    stage_head = [*by, *[f"{s} acc %" for s in names]]
+    stage_head = [*key_head, *[f"{s} acc %" for s in names]]
     stage = [[*keys(r), *[pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                           for s in names]] for r in rows]
-    stab_head = [*by, "n", "final acc mean %", "std (pp)", "range max-min (pp)", "last-epoch std (pp)",
+    stab_head = [*key_head, "n", "final acc mean %", "std (pp)", "range max-min (pp)", "last-epoch std (pp)",
                  "last-epoch range (pp)", f"val fluct. last {k} ep. (pp)", "max fluct. (pp)"]
     stab = [[*keys(r), str(r["n"]),
              pct(r["student_test_acc_mean"]), pct(r["student_test_acc_std"]),
@@ -76,17 +104,37 @@ def table_specs(rows: list[dict], by: Sequence[str], paired: list[dict] | None =
              pct(r["student_test_acc_last_range"]), pct_pm(r["val_fluct_mean"], r["val_fluct_std"]),
              pct(r["val_fluct_max"])] for r in rows]
     tables = {"Student accuracy": (acc_head, acc), "Stages": (stage_head, stage), "Stability": (stab_head, stab)}
+    if has_fidelity(rows):
+        fid_head = [*key_head, "n", "student test acc %", "agreement with teacher %", "KL to teacher (nats)", "ECE %",
+                    "agreement with each source %"]
+        fid = [[*keys(r), str(r["n"]), pct_pm(r["student_test_acc_mean"], r["student_test_acc_std"]),
+                pct_pm(r["student_agreement_teacher_mean"], r["student_agreement_teacher_std"]),
+                nats_pm(r["student_kl_teacher_mean"], r["student_kl_teacher_std"]),
+                pct_pm(r["student_ece_mean"], r["student_ece_std"]), agreement_cell(r["student_agreement"])]
+               for r in rows]
+        tables[FIDELITY_TITLE] = (fid_head, fid)
     if paired:
-        from kdlab.compare.paired import table_rows
+        from kdlab.compare.paired import fidelity_table_rows, table_rows
 
         tables[PAIRED_TITLE] = table_rows(paired)
+        fidelity = fidelity_table_rows(paired)
+        if fidelity is not None:
+            tables[PAIRED_FIDELITY_TITLE] = fidelity
     return tables
 
 
 STABILITY_NOTE = ("student's final (best-on-val; a data-free student's: last epoch) test accuracy over runs; "
-                  "fluctuation = mean |Δ val acc| between consecutive epochs over the last {k} epochs, in "
-                  "percentage points, averaged over runs")
+                  "fluctuation = mean |Δ val acc| between consecutive epochs over the last {k} epochs (protocol "
+                  "reference: of the test curve), in percentage points, averaged over runs")
 STAGES_NOTE = "test accuracy of every stage, mean ± std over runs"
+FIDELITY_NOTE = ("the student on the test split at the checkpoint it reports, mean ± std over runs: top-1 agreement "
+                 "with its teacher (an ensemble: the mean of the members' softmax) and with each of its sources, "
+                 "KL(p_teacher || p_student) at T = 1 averaged over test images, and its expected calibration error "
+                 "(15 bins, l1); '-': not taught by sources, or a run of an older kdlab")
+PAIRED_FIDELITY_NOTE = ("the same pairs as the accuracy's: mean difference of the student's agreement with its teacher "
+                        "(pp), KL to it (nats) and ECE (pp), with the 95 % Student-t interval over the pairs; '-' where "
+                        "a group reports none (a student without sources has no teacher); no verdict: closer to the "
+                        "teacher is not more accurate")
 
 
 def data_free_note(rows: list[dict]) -> str | None:
@@ -101,14 +149,27 @@ def data_free_note(rows: list[dict]) -> str | None:
             f"best-on-val test accuracy, for comparison only: {best}")
 
 
+PROTOCOL_NOTE = ("protocol heldout: student test acc = the best epoch on the held-out validation split; protocol "
+                 "reference (the whole training split, fp32: the paper's run): student test acc = the last epoch, "
+                 "best-on-test = the best test epoch (chosen on the test split, as most tables report). Runs of two "
+                 "protocols are never one group and never compared with each other")
+
+
 def table_note(title: str, rows: list[dict]) -> str | None:
     """The note under one of :func:`table_specs`' tables (None: none)."""
     if title == "Stability":
         return STABILITY_NOTE.format(k=rows[0]["last_k"] if rows else DEFAULT_LAST_K)
     if title == "Stages":
         return STAGES_NOTE
+    if title == FIDELITY_TITLE:
+        return FIDELITY_NOTE
+    if title == PAIRED_FIDELITY_TITLE:
+        return PAIRED_FIDELITY_NOTE
     if title == "Student accuracy":
-        return data_free_note(rows)  # group names are data: never passed through str.format
+        notes = [n for n in (data_free_note(rows),  # group names are data: never passed through str.format
+                             PROTOCOL_NOTE if any(r.get("protocol", DEFAULT_PROTOCOL) != DEFAULT_PROTOCOL
+                                                  for r in rows) else None) if n]
+        return "; ".join(notes) or None
     return None
 
 
@@ -154,7 +215,7 @@ def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped:
         table = Table(title=title, title_justify="left", title_style="bold",
                       caption=escape(note) if note else None, caption_justify="left")
         for i, h in enumerate(head):  # wrap (never crop) when the terminal is narrow
-            table.add_column(h, justify="left" if i < len(by) else "right", overflow="fold")
+            table.add_column(h, justify="left" if i < len(by) + ("protocol" not in by) else "right", overflow="fold")
         for line in body:
             table.add_row(*line)
         console.print(table)
@@ -182,12 +243,20 @@ def print_report(rows: list[dict], runs: list[dict], by: Sequence[str], skipped:
 def csv_columns(rows: list[dict], by: Sequence[str]) -> list[str]:
     stat = ("mean", "std", "min", "max", "range")
     stage_cols = [f"acc_{s}_{k}" for s in all_stage_names(rows) for k in ("mean", "std")]
-    return ["group", *by, "n", "n_failed", "student_stage",
+    sources = list(dict.fromkeys(name for r in rows for name in r.get("student_agreement") or {}))
+    return ["group", *by, *([] if "protocol" in by else ["protocol"]), "n", "n_failed", "student_stage",
             *[f"student_test_acc_{k}" for k in stat], *[f"student_test_acc_last_{k}" for k in stat],
+            # protocol=reference: the best test epoch (chosen on the test split)
+            *[f"student_test_acc_best_on_test_{k}" for k in stat],
             *stage_cols, "student_params", "student_size_bytes", "student_bits", "wall_seconds_mean", "last_k",
             "val_fluct_mean", "val_fluct_std", "val_fluct_max",
             # data-free students: student_test_acc_* is their last epoch; this is the best-on-val epoch's
-            "data_free", "student_test_acc_best_val_mean", "student_test_acc_best_val_std", "generated_grids"]
+            "data_free", "student_test_acc_best_val_mean", "student_test_acc_best_val_std", "generated_grids",
+            # fidelity (fractions; KL in nats) and calibration: the student's, its agreement with each source by
+            # name, every stage's ECE
+            *[f"student_{m}_{k}" for m in FIDELITY_METRICS for k in ("mean", "std")],
+            *[f"student_agreement_{s}_{k}" for s in sources for k in ("mean", "std")],
+            *[f"ece_{s}_{k}" for s in all_stage_names(rows) for k in ("mean", "std")]]
 
 
 def write_csv(rows: list[dict], by: Sequence[str], path: str | os.PathLike) -> None:
@@ -201,4 +270,7 @@ def write_csv(rows: list[dict], by: Sequence[str], path: str | os.PathLike) -> N
             flat = {**r, **r["fields"], "generated_grids": ";".join(r.get("generated_grids") or []) or None}
             for name, s in r["stages"].items():
                 flat[f"acc_{name}_mean"], flat[f"acc_{name}_std"] = s["mean"], s["std"]
+                flat[f"ece_{name}_mean"], flat[f"ece_{name}_std"] = s.get("ece_mean"), s.get("ece_std")
+            for name, a in (r.get("student_agreement") or {}).items():
+                flat[f"student_agreement_{name}_mean"], flat[f"student_agreement_{name}_std"] = a["mean"], a["std"]
             w.writerow({c: "" if flat.get(c) is None else flat[c] for c in cols})

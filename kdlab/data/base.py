@@ -1,10 +1,9 @@
 """Datamodule base classes: KdDataModule (common contract) and TensorDataModule (in-memory path)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +25,14 @@ class KdDataModule(pl.LightningDataModule):
 
     Attributes after setup: name, num_classes, in_channels, image_size (H), mean, std, classes,
     train_size / val_size / test_size, train_index / val_index (positions in the original training set).
+
+    The training loader's settings are ``seed`` (order and augmentation draws), ``augment`` and ``train_views``;
+    a stage trains on its own view of the data (:meth:`for_stage`), which shares the loaded splits.
     """
 
     name: str = ""
-    #: training batches carry the view id of each sample (x, y, idx, view): set for distill.cache=views
+    #: training batches carry the view id of each sample (x, y, idx, view): a stage's view whose sources teach
+    #: from view caches (distill.cache=views / auto; :meth:`for_stage`)
     train_views: bool = False
     default_mean: tuple[float, ...] = ()
     default_std: tuple[float, ...] = ()
@@ -51,8 +54,8 @@ class KdDataModule(pl.LightningDataModule):
         self.std: tuple[float, ...] = ()
         self.classes: list[str] | None = None
         self._loaded = False
-        self._fingerprint: str | None = None
-        self._fingerprints: dict[str, str | None] = {}
+        self._fingerprints: dict[str, str] = {}  # by training augmentation, shared with the stages' views
+        self._shared: KdDataModule | None = None  # the data module this one is a stage's view of
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -72,22 +75,25 @@ class KdDataModule(pl.LightningDataModule):
                               f"{', '.join(self.augments)}")
         return augment
 
-    @contextmanager
-    def stage_augment(self, augment: str | None) -> Iterator[KdDataModule]:
-        """The training augmentation of one stage (``pipeline.per_stage.<stage>.augment``; None: the data's own,
-        ``data.augment``) while the block runs: its fingerprint (so its store key), batches and view space."""
-        if augment is None or augment == self.augment:
-            yield self
-            return
-        saved = self.augment, self._fingerprint
-        self._fingerprints[self.augment] = self._fingerprint  # each augmentation's fingerprint is hashed once
-        self.augment = self.check_augment(augment)
-        self._fingerprint = self._fingerprints.get(augment)
-        try:
-            yield self
-        finally:
-            self._fingerprints[self.augment] = self._fingerprint
-            self.augment, self._fingerprint = saved
+    def for_stage(self, seed: int | None = None, augment: str | None = None, views: bool = False) -> KdDataModule:
+        """One stage's view of this data: the same loaded splits (tensors or file lists, shared, never copied) with
+        the stage's own training settings: ``seed`` (its data order and augmentation draws; None: this module's),
+        ``augment`` (its training augmentation, ``pipeline.per_stage.<stage>.augment``; None: this module's,
+        ``data.augment``) and ``views`` (view ids on its training batches). Its fingerprint is that of its
+        augmentation. This data module is not changed."""
+        self.setup()
+        stage = copy.copy(self)
+        stage._shared = self.shared
+        stage.seed = self.seed if seed is None else int(seed)
+        stage.augment = self.augment if augment is None else self.check_augment(augment)
+        stage.train_views = bool(views)
+        stage.trainer = None  # Lightning attaches the Trainer that fits the view to the view
+        return stage
+
+    @property
+    def shared(self) -> KdDataModule:
+        """The data module whose loaded splits this one uses: the one a stage's view was made from, else itself."""
+        return self._shared if self._shared is not None else self
 
     # ---- contract --------------------------------------------------------------------------------
     @property
@@ -141,13 +147,14 @@ class KdDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """Stable short sha256 of identity() plus the content of the train/val/test splits."""
-        if self._fingerprint is None:
+        """Stable short sha256 of identity() plus the content of the train/val/test splits (computed once per
+        training augmentation)."""
+        if self.augment not in self._fingerprints:
             self.setup()
             h = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode())
             self._content_hash(h)
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
+            self._fingerprints[self.augment] = h.hexdigest()[:16]
+        return self._fingerprints[self.augment]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -202,6 +209,9 @@ def _check_images(name: str, what: str, images: np.ndarray, labels: np.ndarray, 
         raise DataError(f"{name}: {what} labels outside [0, {num_classes})")
 
 
+SPLIT_TENSORS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
+
+
 class TensorDataModule(KdDataModule):
     """Data sets held in memory as uint8 NCHW tensors, batched by TensorLoader."""
 
@@ -253,11 +263,14 @@ class TensorDataModule(KdDataModule):
         return self.train_images.device
 
     def to_device(self, device: torch.device | str) -> TensorDataModule:
-        """Move all splits to ``device`` (on a GPU the whole data set then lives there)."""
-        self.setup()
+        """Move all splits to ``device`` (on a GPU the whole data set then lives there): those of the shared data
+        module, once for it and every stage's view of it (:meth:`for_stage`)."""
+        shared = self.shared
+        shared.setup()
         device = torch.device(device)
-        for attr in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"):
-            setattr(self, attr, getattr(self, attr).to(device))
+        for attr in SPLIT_TENSORS:
+            setattr(shared, attr, getattr(shared, attr).to(device))
+            setattr(self, attr, getattr(shared, attr))
         return self
 
     def _content_hash(self, h: Any) -> None:
@@ -265,7 +278,8 @@ class TensorDataModule(KdDataModule):
                   self.test_images, self.test_labels):
             a = t.detach().cpu().contiguous().numpy()
             h.update(str((a.dtype.str, a.shape)).encode())
-            h.update(memoryview(a).cast("B"))
+            if a.size:  # an empty split (data.val_split=0) is its shape alone
+                h.update(memoryview(a).cast("B"))
 
     def _loader(self, images, labels, batch_size, train: bool, shard: bool = True) -> TensorLoader:
         """Training shards are padded to equal sizes (DDP steps together); evaluation shards are not, so

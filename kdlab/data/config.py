@@ -156,9 +156,10 @@ def resolve_data_cfg(data_cfg: Any, known_names: list[str]) -> dict[str, Any]:
     _int(cfg, "pad", lo=0)
     _int(cfg, "batch_size_eval", lo=1, allow_none=True)
     vs = cfg["val_split"]
-    if isinstance(vs, bool) or not isinstance(vs, (int, float)) or math.isnan(vs) or not 0 < vs <= 0.9:
+    if isinstance(vs, bool) or not isinstance(vs, (int, float)) or math.isnan(vs) or not 0 <= vs <= 0.9:
         raise ConfigError(
-            f"data.val_split must be a fraction in (0, 0.9] (the best epoch is chosen on it), got {vs!r}"
+            f"data.val_split must be a fraction in [0, 0.9] (the best epoch is chosen on it; 0: no validation "
+            f"split, the whole training split trains: protocol=reference), got {vs!r}"
         )
     cfg["val_split"] = float(vs)
     if name == "imagefolder":  # its own augment values (imagenet) and loader keys

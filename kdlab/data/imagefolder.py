@@ -1,7 +1,7 @@
 """ImageFolder data sets: images on disk in torchvision's class-per-folder layout, loaded by a DataLoader.
 
 Layout: <root>/train/<class>/<image>, plus <root>/test/<class>/... and/or <root>/val/<class>/...
-  - train + val + test: all three used as they are (data.val_split is ignored);
+  - train + val + test: all three used as they are (data.val_split is ignored, except 0: no validation split);
   - train + test:       val is split from train (data.val_split, data.split_seed);
   - train + val:        val/ serves as the test set (the ImageNet convention), val is split from train.
 Class indices come from train/ (sorted folder names); val/test may lack classes but not add new ones.
@@ -274,7 +274,7 @@ class ImageFolderDataModule(KdDataModule):
             raise DataError(f"imagefolder: no images in {train_dir}")
         labels = np.array([y for _, y in train_all], dtype=np.int64)
         kept = take_subset(labels, c["subset"], c["split_seed"], "subset", self.name)
-        if test_dir.is_dir() and val_dir.is_dir():
+        if test_dir.is_dir() and val_dir.is_dir() and c["val_split"] > 0:
             self.train_index, val_samples = kept, _scan(val_dir, class_to_idx)
             self.val_index = np.arange(len(val_samples))
         else:
@@ -283,7 +283,7 @@ class ImageFolderDataModule(KdDataModule):
             val_samples = [train_all[i] for i in self.val_index]
         test_all = _scan(test_dir if test_dir.is_dir() else val_dir, class_to_idx)
         for what, samples in (("validation", val_samples), ("test", test_all)):
-            if not samples:
+            if not samples and (what == "test" or c["val_split"] > 0):  # val_split 0: no validation split
                 raise DataError(f"imagefolder: the {what} set under {root} has no images")
         test_labels = np.array([y for _, y in test_all], dtype=np.int64)
         self.test_index = take_subset(test_labels, c["test_subset"], c["split_seed"], "test_subset", self.name)

@@ -40,8 +40,11 @@ def take_subset(labels: np.ndarray, k: int | None, seed: int, what: str, dataset
 def train_val_split(
     labels: np.ndarray, val_split: float, seed: int, dataset: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, val indices), disjoint, sorted, stratified; val has round(val_split * n) >= 1."""
+    """(train indices, val indices), disjoint, sorted, stratified; val has round(val_split * n) >= 1 images, or
+    none at all for ``val_split`` 0 (no validation split: every image trains)."""
     n = len(labels)
+    if val_split == 0:
+        return np.arange(n), np.arange(0)
     n_val = max(1, round(val_split * n))
     if n - n_val < 1:
         raise ConfigError(

@@ -8,6 +8,7 @@ translators) are ``nn.Module``s whose parameters train with the student but are 
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -57,11 +58,17 @@ class StrategyContext:
 LossTerms = tuple[dict[str, torch.Tensor], dict[str, float]]
 
 
-SHARED_OPTIONS: dict[str, Any] = {
+SHARED_KEYS: tuple[str, ...] = ("strategy", "label_smoothing", "cache", "view_topk", "stochastic")
+"""The keys of ``conf/distill_base.yaml``, accepted whatever the strategy: ``label_smoothing`` is read by
+every stage's cross-entropy with the labels (a stage without sources, too: strategy ``ce``); the source-output
+cache, its views' top-k and stochastic teaching are the pipeline's, for any method."""
+
+KD_OPTIONS: dict[str, Any] = {
     "temperature": 4.0, "lam": 0.5, "lam_schedule": "constant", "lam_end": None, "lam_milestones": [0.5],
     "kl_reduction": "batchmean", "label_smoothing": 0.0,
 }
-"""The logit-KD keys of ``conf/distill/kd.yaml`` that the KD-family strategies read."""
+"""The logit-KD keys (``conf/distill/kd.yaml``) and ``label_smoothing``: what ``kd``, ``dgkd`` and (with
+``feed.logit_kd``) ``feed`` read."""
 
 
 def check_choice(where: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
@@ -159,10 +166,16 @@ class Strategy(nn.Module):
     #: True for a stage that learns from generated images only (DAFL: a DataFreeModule, no training split)
     data_free = False
     #: the keys of ``distill`` this strategy reads, with their defaults
-    options: ClassVar[dict[str, Any]] = SHARED_OPTIONS
+    options: ClassVar[dict[str, Any]] = {}
     #: keys added after stages were stored: hashed only when set away from their default, so that the
     #: store keys of stages trained before the key existed stay valid
     late_options: ClassVar[dict[str, Any]] = {}
+    #: a key of another method that a user may set for this one -> the key of its own meant instead (dotted,
+    #: under ``distill``), for the message naming a key it does not read; keys of its blocks need no entry
+    hints: ClassVar[dict[str, str]] = {}
+    #: the setting under which the keys of ``options`` that :meth:`own_config` drops otherwise are read (FEED's
+    #: and CRD's logit-KD keys), relative to ``distill``; "" when it reads all of them always
+    read_when: ClassVar[str] = ""
 
     def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
         super().__init__()
@@ -177,6 +190,36 @@ class Strategy(nn.Module):
                                      cfg.get("lam_milestones") or (0.5,))
 
     # -- its config ----------------------------------------------------------------------------
+    @classmethod
+    def accepted_keys(cls) -> list[str]:
+        """Every key of ``distill`` this strategy accepts: the shared ones, ``options`` and ``late_options``."""
+        return list(dict.fromkeys([*SHARED_KEYS, *cls.options, *cls.late_options]))
+
+    @classmethod
+    def meant(cls, key: str) -> str | None:
+        """The key of this strategy (dotted, under ``distill``) that a user who set ``key``, which it does not
+        read, most likely meant: ``hints[key]``; else the key of that name in one of its blocks
+        (``temperature`` -> ``dkd.temperature``); else, for a key that no strategy reads (a typo), the closest
+        of its own; None when none fits."""
+        if key in cls.hints:
+            return cls.hints[key]
+        nested = [f"{block}.{k}" for block, default in cls.options.items() if isinstance(default, dict)
+                  for k in default]
+        same = [k for k in nested if k.rpartition(".")[2] == key]
+        if same:
+            return same[0]
+        if any(key in STRATEGIES.get(name).accepted_keys() for name in STRATEGIES.names()):
+            return None  # another method's key: no look-alike of this one's is what the user meant
+        by_leaf = {k.rpartition(".")[2]: k for k in [*nested, *cls.accepted_keys()] if k != "strategy"}
+        close = difflib.get_close_matches(key, list(by_leaf), n=1)
+        return by_leaf[close[0]] if close else None
+
+    @classmethod
+    def unread(cls, key: str, where: str = "distill") -> str:
+        """The one line for ``<where>.<key>``, a key this strategy does not read, naming the key meant."""
+        hint = cls.meant(key)
+        return f"{where}.{key} is not read by {cls.name}" + (f"; did you mean {where}.{hint}?" if hint else "")
+
     @classmethod
     def own_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """``{"strategy": name, key: value for every key in options}``, defaults filled in (a nested
@@ -200,11 +243,9 @@ class Strategy(nn.Module):
         opts = cls.options
         if "temperature" in opts:
             t = cfg.get("temperature", opts["temperature"])
-            try:
-                t_ok = float(t) > 0 and not isinstance(t, bool)
-            except (TypeError, ValueError):
-                t_ok = False
-            if not t_ok:
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise ConfigError(f"{where}.temperature must be a number > 0, got {t!r}, which is not a number")
+            if not t > 0:
                 raise ConfigError(f"{where}.temperature must be > 0, got {t!r}")
         for key in ("lam", "lam_end"):
             v = cfg.get(key)
@@ -224,6 +265,12 @@ class Strategy(nn.Module):
             raise ConfigError(f"{where}.label_smoothing must be in [0, 1), got {ls!r}")
 
     # -- what the stage must record -------------------------------------------------------------
+    @classmethod
+    def with_model_taps(cls, cfg: dict[str, Any], student_arch: str, source_archs: list[str]) -> dict[str, Any]:
+        """``cfg`` with the feature points left ``null`` set for the stage's student and sources (their zoo
+        families' reference layers); called per stage before :meth:`own_config`. Methods without taps: ``cfg``."""
+        return cfg
+
     @classmethod
     def taps(cls, cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
         """Feature points (student, sources) this strategy records, known before it is built."""
@@ -289,6 +336,9 @@ class BlockStrategy(Strategy):
 
 def strategy_class(cfg: dict[str, Any]) -> type[Strategy]:
     """The registered class of ``cfg["strategy"]`` (an unknown name is a ConfigError listing the known)."""
+    if cfg.get("strategy") == "???":  # a distill config that names no strategy (conf/distill_base.yaml's)
+        raise ConfigError(f"distill.strategy is not set (a distill config names its strategy); choose one: "
+                          f"distill=<name>, {', '.join(STRATEGIES.names())} (ce: distill=none)")
     return STRATEGIES.get(str(cfg.get("strategy", "kd")))
 
 

@@ -165,6 +165,8 @@ class CRD(BlockStrategy):
     }
     #: read only with ``crd.kd_weight > 0`` (and then hashed into the store key)
     LOGIT_KD_KEYS = ("temperature", "kl_reduction")
+    read_when: ClassVar[str] = "crd.kd_weight > 0"
+    hints: ClassVar[dict[str, str]] = {"lam": "crd.kd_weight"}  # lambda weights the KD term; CRD's KD is kd_weight
 
     def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
         super().__init__(cfg, ctx)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kdlab.distill.base import SHARED_OPTIONS, STRATEGIES, LossTerms
+from kdlab.distill.base import KD_OPTIONS, STRATEGIES, LossTerms
 from kdlab.distill.kd import LogitKD
 from kdlab.errors import ConfigError
 
@@ -22,7 +22,7 @@ CE_WEIGHTS = ("paper", "code")
 @STRATEGIES.register("dgkd")
 class DenselyGuidedKD(LogitKD):
     name = "dgkd"
-    options: ClassVar[dict] = {**SHARED_OPTIONS, "ce_weight": "code"}
+    options: ClassVar[dict] = {**KD_OPTIONS, "ce_weight": "code"}
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

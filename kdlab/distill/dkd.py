@@ -78,13 +78,6 @@ class DKD(LogitBlockStrategy):
                               f"identically 0; set distill.dkd.beta=0")
 
     @classmethod
-    def check(cls, cfg, where="distill") -> None:
-        super().check(cfg, where)
-        if cfg.get("logit_stand", False) is True:  # kd.yaml's flag: read by kd and dgkd, not by dkd
-            raise ConfigError(f"{where}.logit_stand=true is not read by strategy dkd; set {where}.dkd.logit_stand "
-                              f"instead")
-
-    @classmethod
     def check_options(cls, block, where) -> None:
         for key in ("alpha", "beta"):
             check_number(f"{where}.{key}", block[key], low=0)

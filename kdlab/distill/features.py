@@ -8,6 +8,11 @@ unknown keys of that block; the loss is
 
 over the sources that teach the batch (a zero term when none does). A method supplies its block defaults,
 the block key of each term's weight (``term_weights``) and :meth:`FeatureStrategy.source_losses`.
+
+Taps left ``null`` are the layers mdistiller reads for the method in the model's family
+(:data:`kdlab.models.taps.REFERENCE_TAPS`, ``reference_taps`` names the entry per tap key), resolved per stage by
+:func:`resolve_taps` before the stage's store key is computed; a family without a row (plain CNNs, library
+models) gets the method's ``fallback_taps``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from kdlab.distill.base import (
     combined_terms,
 )
 from kdlab.errors import ConfigError
+from kdlab.models.taps import reference_taps
 
 
 def tap_list(where: str, value: Any, many: bool) -> list[str]:
@@ -40,6 +46,41 @@ def tap_list(where: str, value: Any, many: bool) -> list[str]:
 
 def unique(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
+
+
+def block_tap(cls: Any, block: dict[str, Any], key: str) -> Any:
+    """The block's ``key`` (a tap or a list of taps); ``null`` (not resolved for a model) is the method's fallback."""
+    value = block.get(key)
+    return cls.fallback_taps[key] if value is None else value
+
+
+def resolve_taps(cls: Any, cfg: dict[str, Any], student_arch: str, source_archs: list[str]) -> dict[str, Any]:
+    """``cfg`` with the block's taps that are ``null`` set for the stage's models: the student's key from the
+    student's family, the sources' key from the sources' (which must agree), each the entry ``cls.reference_taps``
+    names in :data:`kdlab.models.taps.REFERENCE_TAPS`, or ``cls.fallback_taps`` for a family without a row. Lists
+    resolved on both sides are cut to the shorter, as mdistiller pairs them (``zip``)."""
+    block = dict(cfg.get(cls.name) or {})
+    resolved: dict[str, Any] = {}
+    for key, archs in zip(cls.tap_keys, ([student_arch], source_archs)):
+        if block.get(key) is not None or key not in cls.reference_taps:
+            continue
+        where = f"distill.{cls.name}.{key}"
+        found: dict[str, Any] = {}
+        for arch in archs:
+            value = reference_taps(arch, cls.reference_taps[key], where)
+            found[arch] = cls.fallback_taps[key] if value is None else value
+        values = {repr(v): v for v in found.values()}
+        if len(values) > 1:
+            raise ConfigError(f"{where} is not set and the sources' reference layers differ "
+                              f"({'; '.join(f'{a}: {v}' for a, v in found.items())}); set {where}")
+        resolved[key] = next(iter(values.values())) if values else cls.fallback_taps[key]
+    s_key, t_key = cls.tap_keys
+    if cls.many_taps and s_key in resolved and t_key in resolved:
+        n = min(len(resolved[s_key]), len(resolved[t_key]))
+        resolved[s_key], resolved[t_key] = resolved[s_key][:n], resolved[t_key][:n]
+    if not resolved:
+        return cfg
+    return {**cfg, cls.name: {**block, **resolved}}
 
 
 def pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,11 +118,15 @@ class FeatureStrategy(BlockStrategy):
     tap_keys: ClassVar[tuple[str, str]] = ("student_tap", "source_tap")
     #: the taps are lists (paired by position) rather than one name each
     many_taps: ClassVar[bool] = False
+    #: tap key -> its entry of kdlab.models.taps.REFERENCE_TAPS (the layers when the key is null)
+    reference_taps: ClassVar[dict[str, str]] = {}
+    #: tap key -> the taps of a null key for a model family without reference layers
+    fallback_taps: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
         super().__init__(cfg, ctx)
         self.ce_weight = float(self.opts["ce_weight"])
-        s_taps, t_taps = (tap_list("", self.opts[k], self.many_taps) for k in self.tap_keys)
+        s_taps, t_taps = (tap_list("", block_tap(self, self.opts, k), self.many_taps) for k in self.tap_keys)
         #: (student tap, source tap) pairs, in the order of the options
         self.pairs: list[tuple[str, str]] = list(zip(s_taps, t_taps))
 
@@ -92,7 +137,7 @@ class FeatureStrategy(BlockStrategy):
         check_number(f"{where}.ce_weight", block["ce_weight"], low=0)
         for key in cls.term_weights.values():
             check_number(f"{where}.{key}", block[key], low=0)
-        s_taps, t_taps = (tap_list(f"{where}.{k}", block[k], cls.many_taps) for k in cls.tap_keys)
+        s_taps, t_taps = (tap_list(f"{where}.{k}", block_tap(cls, block, k), cls.many_taps) for k in cls.tap_keys)
         if len(s_taps) != len(t_taps):
             raise ConfigError(f"{where}.{cls.tap_keys[0]} and {where}.{cls.tap_keys[1]} pair up by position and "
                               f"must have the same length, got {s_taps!r} and {t_taps!r}")
@@ -104,9 +149,14 @@ class FeatureStrategy(BlockStrategy):
 
     # -- feature points ----------------------------------------------------------------------------------
     @classmethod
+    def with_model_taps(cls, cfg: dict[str, Any], student_arch: str, source_archs: list[str]) -> dict[str, Any]:
+        return resolve_taps(cls, cfg, student_arch, source_archs)
+
+    @classmethod
     def taps(cls, cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
         block = cls.block(cfg)
-        s_taps, t_taps = (unique(tap_list(f"distill.{cls.name}.{k}", block[k], cls.many_taps)) for k in cls.tap_keys)
+        s_taps, t_taps = (unique(tap_list(f"distill.{cls.name}.{k}", block_tap(cls, block, k), cls.many_taps))
+                          for k in cls.tap_keys)
         return s_taps, t_taps
 
     def student_taps(self) -> list[str]:

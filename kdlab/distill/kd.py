@@ -17,7 +17,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from kdlab.distill.base import STRATEGIES, LossTerms, SourceOutput, Strategy, StudentOutput, check_flag
+from kdlab.distill.base import (
+    KD_OPTIONS,
+    STRATEGIES,
+    LossTerms,
+    SourceOutput,
+    Strategy,
+    StudentOutput,
+    check_flag,
+)
 from kdlab.distill.losses import kd_loss_sum
 
 LOGIT_STAND = {"logit_stand": False}
@@ -27,6 +35,7 @@ LOGIT_STAND = {"logit_stand": False}
 class LogitKD(Strategy):
     """What ``kd`` and ``dgkd`` share: the late option ``logit_stand`` and the KD terms summed over the sources."""
 
+    options: ClassVar[dict[str, Any]] = KD_OPTIONS
     late_options: ClassVar[dict[str, Any]] = LOGIT_STAND
 
     def __init__(self, cfg, ctx):

@@ -44,6 +44,7 @@ class ProbabilisticKT(FeatureStrategy):
                                "pkt": {"ce_weight": 1.0, "feat_weight": 30000.0, "eps": 1e-7,
                                        "student_tap": "embedding", "source_tap": "embedding", "combine": "mean"}}
     term_weights: ClassVar[dict[str, str]] = {"pkt": "feat_weight"}
+    hints: ClassVar[dict[str, str]] = {"lam": "pkt.feat_weight"}  # the weight of its one distillation term
 
     @classmethod
     def check_block(cls, block, where) -> None:

@@ -20,8 +20,14 @@ with the warm-up continuous in the training progress (``progress * max_epochs / 
 ``min(max_mid_channels, channels of the deepest student tap)`` (the reference code's ``min(512, C)``).
 Spatial sizes: a map is resized to a smaller size by adaptive average pooling and to a larger one by
 interpolation (``upsample``: ``nearest`` as in the reference code, or ``bilinear``). A vector tap (e.g.
-``embedding``, the pooled feature) is a 1 x 1 map, as the reference code's last level. The reference code takes
-the teacher's pre-activation stage outputs; the taps here are the modules' outputs as recorded.
+``embedding``, the pooled feature) is a 1 x 1 map, as the reference code's last level.
+
+Taps left null are mdistiller's levels (mdistiller/distillers/ReviewKD.py): the student's ``feats[1:]`` and its
+pooled feature, the teacher's ``preact_feats[1:]`` (each stage *before* its last ReLU) and its pooled feature,
+i.e. the ``review`` / ``review_preact`` entries of :data:`kdlab.models.taps.REFERENCE_TAPS`: for a CIFAR ResNet
+``[stage1, stage2, stage3, embedding]`` against ``[preact1, preact2, preact3, embedding]`` (four levels; five for
+VGG and a MobileNetV2 student, as the official code's configurations). Families without a row (plain CNNs,
+library models) fall back to ``[stage1, stage2, prepool]`` on both sides.
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ from kdlab.distill.base import (
     check_number,
     combined_terms,
 )
-from kdlab.distill.features import unique
+from kdlab.distill.features import block_tap, resolve_taps, unique
 from kdlab.errors import ConfigError
 
 UPSAMPLE = ("nearest", "bilinear")
@@ -149,18 +155,23 @@ class ReviewKD(BlockStrategy):
     name = "reviewkd"
     options: ClassVar[dict] = {
         "label_smoothing": 0.0,
-        "reviewkd": {"feat_weight": 1.0, "ce_weight": 1.0, "warmup": 20,
-                     "student_taps": ["stage1", "stage2", "prepool"], "source_taps": ["stage1", "stage2", "prepool"],
+        "reviewkd": {"feat_weight": 1.0, "ce_weight": 1.0, "warmup": 20, "student_taps": None, "source_taps": None,
                      "max_mid_channels": 512, "upsample": "nearest", "combine": "mean"},
     }
+    tap_keys: ClassVar[tuple[str, str]] = ("student_taps", "source_taps")
+    many_taps: ClassVar[bool] = True
+    reference_taps: ClassVar[dict[str, str]] = {"student_taps": "review", "source_taps": "review_preact"}
+    fallback_taps: ClassVar[dict] = {"student_taps": ["stage1", "stage2", "prepool"],
+                                     "source_taps": ["stage1", "stage2", "prepool"]}
+    hints: ClassVar[dict[str, str]] = {"lam": "reviewkd.feat_weight"}  # the weight of its distillation term
 
     def __init__(self, cfg: dict[str, Any], ctx: StrategyContext):
         super().__init__(cfg, ctx)
         o = self.opts
         self.weight, self.ce_weight = float(o["feat_weight"]), float(o["ce_weight"])
         self.warmup_epochs = float(o["warmup"])
-        self.s_taps = _tap_list("", o["student_taps"])
-        self.t_taps = _tap_list("", o["source_taps"])
+        self.s_taps = _tap_list("", block_tap(self, o, "student_taps"))
+        self.t_taps = _tap_list("", block_tap(self, o, "source_taps"))
         self.upsample = str(o["upsample"])
         s_shapes = [_map_shape(ctx.student_feature_shapes.get(t)) for t in self.s_taps]
         self.fusions = nn.ModuleDict()
@@ -184,17 +195,22 @@ class ReviewKD(BlockStrategy):
         check_number(f"{where}.max_mid_channels", block["max_mid_channels"], low=1, integer=True)
         check_choice(f"{where}.upsample", block["upsample"], UPSAMPLE)
         check_combine(where, block)
-        s_taps = _tap_list(f"{where}.student_taps", block["student_taps"])
-        t_taps = _tap_list(f"{where}.source_taps", block["source_taps"])
+        s_taps = _tap_list(f"{where}.student_taps", block_tap(cls, block, "student_taps"))
+        t_taps = _tap_list(f"{where}.source_taps", block_tap(cls, block, "source_taps"))
         if len(s_taps) != len(t_taps):
             raise ConfigError(f"{where}.student_taps and {where}.source_taps pair up by position (shallow to deep) "
                               f"and must have the same length, got {s_taps!r} and {t_taps!r}")
 
     # -- feature points ----------------------------------------------------------------------------------
     @classmethod
+    def with_model_taps(cls, cfg: dict[str, Any], student_arch: str, source_archs: list[str]) -> dict[str, Any]:
+        return resolve_taps(cls, cfg, student_arch, source_archs)
+
+    @classmethod
     def taps(cls, cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
         o = cls.block(cfg)
-        return unique(_tap_list("", o["student_taps"])), unique(_tap_list("", o["source_taps"]))
+        return (unique(_tap_list("", block_tap(cls, o, "student_taps"))),
+                unique(_tap_list("", block_tap(cls, o, "source_taps"))))
 
     def student_taps(self) -> list[str]:
         return unique(self.s_taps)

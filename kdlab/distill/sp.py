@@ -1,7 +1,8 @@
 """SP: similarity-preserving KD -- the student matches the teacher's batch similarity matrix.
 
 F. Tung, G. Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, arXiv 1907.09682. Defaults:
-mdistiller's CIFAR-100 SP (the last stage's map, gamma 3000).
+mdistiller's CIFAR-100 SP (the last stage's map, gamma 3000; null taps: the family's ``last`` entry of
+:data:`kdlab.models.taps.REFERENCE_TAPS`, else ``prepool``).
 
     G(F) = normalize_rows(A A^T),  A = flatten(F) in R^{b x d}     (row-wise L2 normalization)
     L = ce_weight * CE + gamma * combine_k ||G(F_s) - G(F_k)||_F^2 / b^2
@@ -38,9 +39,12 @@ def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 class SimilarityPreserving(FeatureStrategy):
     name = "sp"
     options: ClassVar[dict] = {"label_smoothing": 0.0,
-                               "sp": {"ce_weight": 1.0, "gamma": 3000.0, "student_tap": "prepool",
-                                      "source_tap": "prepool", "combine": "mean"}}
+                               "sp": {"ce_weight": 1.0, "gamma": 3000.0, "student_tap": None,
+                                      "source_tap": None, "combine": "mean"}}
     term_weights: ClassVar[dict[str, str]] = {"sp": "gamma"}
+    reference_taps: ClassVar[dict[str, str]] = {"student_tap": "last", "source_tap": "last"}
+    fallback_taps: ClassVar[dict] = {"student_tap": "prepool", "source_tap": "prepool"}
+    hints: ClassVar[dict[str, str]] = {"lam": "sp.gamma"}  # the weight of its one distillation term
 
     def source_losses(self, name, student, source) -> dict[str, torch.Tensor]:
         (s_tap, t_tap), = self.pairs

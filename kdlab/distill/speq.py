@@ -44,6 +44,7 @@ class SPEQ(BlockStrategy):
     #: one stage teaches itself: a stage without sources (kdlab.modules.selfdistill)
     self_distill = True
     options: ClassVar[dict[str, Any]] = {"label_smoothing": 0.0, "speq": SPEQ_DEFAULTS}
+    hints: ClassVar[dict[str, str]] = {"temperature": "speq.tau", "lam": "speq.weight"}
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

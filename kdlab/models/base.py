@@ -14,15 +14,17 @@ def point_map(
     stages: Iterable[str],
     *,
     stem: str | None = None,
+    preacts: Iterable[str] = (),
     prepool: str = "prepool",
     embedding: str = "flatten",
     logits: str = "fc",
 ) -> dict[str, str]:
     """The feature points `kdlab.models.taps` resolves (name -> dotted submodule path), in this order:
-    ``stem`` (if given), ``stage1``..``stageK`` (the paths in `stages`), ``prepool``, ``embedding``,
-    ``logits``."""
+    ``stem`` (if given), ``stage1``..``stageK`` (the paths in `stages`), ``preact1``..``preactK`` (the paths in
+    `preacts`, if given: stage i before its last ReLU), ``prepool``, ``embedding``, ``logits``."""
     points = {"stem": stem} if stem is not None else {}
     points.update({f"stage{i}": path for i, path in enumerate(stages, 1)})
+    points.update({f"preact{i}": path for i, path in enumerate(preacts, 1)})
     points.update(prepool=prepool, embedding=embedding, logits=logits)
     return points
 
@@ -51,7 +53,8 @@ class ZooModel(nn.Module):
         self.arch = type(self).__name__.lower()
 
     def add_pooled_head(
-        self, channels: int, num_classes: int, stages: Iterable[str], stem: str | None = None
+        self, channels: int, num_classes: int, stages: Iterable[str], stem: str | None = None,
+        preacts: Iterable[str] = (),
     ) -> None:
         """Add the classifier end and set ``feature_points``.
 
@@ -59,13 +62,13 @@ class ZooModel(nn.Module):
         (adaptive, to 1 x 1), ``flatten`` and ``fc`` (Linear(channels, num_classes), PyTorch's default
         initialisation): these are the state_dict names of every pooled zoo model, and the Linear draws its
         initial weights from the global RNG here, so call this where the head's modules belong in order
-        (after the body). Feature points: `point_map(stages, stem=stem)`.
+        (after the body). Feature points: `point_map(stages, stem=stem, preacts=preacts)`.
         """
         self.prepool = nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(channels, num_classes)
-        self.feature_points = point_map(stages, stem=stem)
+        self.feature_points = point_map(stages, stem=stem, preacts=preacts)
 
     def classify(self, x):
         """Logits from the final feature map `x`: fc(flatten(avgpool(prepool(x))))."""

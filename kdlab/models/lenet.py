@@ -1,8 +1,18 @@
-"""LeNet-5 and LeNet-5-half, the MNIST pair of DAFL (Chen et al., ICCV 2019; ``DAFL/lenet.py``).
+"""LeNet-5 and two halves of it: DAFL's student and the LeNet-5-Half of Lopes et al. (2017) and ZSKD.
 
 LeNet-5: conv 5x5 (6) - ReLU - max-pool 2 - conv 5x5 (16) - ReLU - max-pool 2 - conv 5x5 (120) - ReLU -
-FC 84 - ReLU - FC ``num_classes``. LeNet-5-half halves every width (3, 8, 60, 42), ``width_mult=0.5``.
-PyTorch's default initialisation, as in the DAFL code. Parameter counts for 10 classes: 61,706 and 15,738.
+FC 84 - ReLU - FC ``num_classes``. PyTorch's default initialisation, as in the DAFL code.
+
+Two students carry the name "LeNet-5-half" in the literature, and they differ:
+
+* ``lenet5_half``: DAFL's (Chen et al., ICCV 2019; ``DAFL/lenet.py``) halves every width (3, 8, 60, 42),
+  ``width_mult=0.5``;
+* ``lenet5_half_conv``: Lopes et al.'s (2017, ``models/lenet5_half.py`` of irapha/replayed_distillation), the
+  student of ZSKD's MNIST and Fashion-MNIST tables (Nayak et al., ICML 2019), halves the two convolutions only
+  (3, 8) and keeps the fully connected widths (120, 84): ``width_mult=0.5, fc_mult=1.0``.
+
+Parameter counts for 10 classes: 61,706 (``lenet5``, ZSKD's "61706 parameters"), 15,738 (``lenet5_half``) and
+35,820 (``lenet5_half_conv``, ZSKD's "35820 parameters").
 
 Departures, so that the model fits the zoo's contract (a 4-d ``prepool`` map, then global pooling and one
 linear classifier) and any image size:
@@ -28,10 +38,13 @@ from kdlab.models.factory import register_model
 class LeNet5(ZooModel):
     conv_init = "torch"
 
-    def __init__(self, num_classes: int, in_channels: int = 1, input_size=32, width_mult: float = 1.0):
+    def __init__(self, num_classes: int, in_channels: int = 1, input_size=32, width_mult: float = 1.0,
+                 fc_mult: float | None = None):
         super().__init__()
         width_mult = check_width(width_mult)
-        c1, c2, c3, f1 = (scaled(c, width_mult) for c in (6, 16, 120, 84))
+        fc_mult = width_mult if fc_mult is None else check_width(fc_mult)
+        c1, c2 = (scaled(c, width_mult) for c in (6, 16))
+        c3, f1 = (scaled(c, fc_mult) for c in (120, 84))  # the 120-channel convolution is LeNet's FC 120
         side = min(input_hw(input_size))
         pad = max(0, (32 - side + 1) // 2)
         self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=pad)
@@ -53,9 +66,12 @@ class LeNet5(ZooModel):
         return self.classify(self.relu4(self.fc1(x)))
 
 
-def lenet5(num_classes: int, in_channels: int = 1, input_size=32, width_mult: float = 1.0) -> LeNet5:
-    return LeNet5(num_classes, in_channels, input_size, width_mult)
+def lenet5(num_classes: int, in_channels: int = 1, input_size=32, width_mult: float = 1.0,
+           fc_mult: float | None = None) -> LeNet5:
+    """``width_mult`` scales every width, ``fc_mult`` (default: ``width_mult``) the fully connected ones."""
+    return LeNet5(num_classes, in_channels, input_size, width_mult, fc_mult)
 
 
 register_model("lenet5", "lenet", lenet5)
 register_model("lenet5_half", "lenet", lenet5, width_mult=0.5)
+register_model("lenet5_half_conv", "lenet", lenet5, width_mult=0.5, fc_mult=1.0)

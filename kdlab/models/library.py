@@ -336,17 +336,20 @@ def _library_weights(arch: str, in_channels: int) -> tuple[dict[str, torch.Tenso
 def pretrained_state(arch: str, pretrained: Any, in_channels: int) -> tuple[dict[str, torch.Tensor], str, str]:
     """(state_dict, sha256, where from) of ``model.pretrained``: ``true`` the library's default weights (a
     download on first use, then the library's cache; sha256 of the state_dict), a path a local weights
-    file (sha256 of the file)."""
+    file (sha256 of the file; for a zoo model its names mapped by :func:`kdlab.models.released.to_zoo_keys`)."""
     if pretrained is True:
         if not is_library_arch(arch):
             raise ConfigError(f"model.pretrained=true needs a library model (timm/<name>, torchvision/<name>); "
                               f"{arch!r} is a kdlab zoo model: give a weights file instead")
         state, sha = _library_weights(arch, in_channels)
         return state, sha, f"{split_arch(arch)[0]} weights"  # type: ignore[index]
+    from kdlab.models.released import to_zoo_keys
     from kdlab.store.fileio import sha256_file
 
     path = Path(str(pretrained)).expanduser()
     state = read_weights_file(path)
+    if not is_library_arch(arch):  # a zoo model: RepDistiller's / mdistiller's names (the released teachers) too
+        state = to_zoo_keys(arch, state)
     return state, sha256_file(path), str(path)
 
 

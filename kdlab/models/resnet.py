@@ -8,6 +8,10 @@ Shortcut: identity where shapes match, otherwise a 1x1 convolution (with the blo
 option B of He et al., as in both the TAKD and the RepDistiller (CRD) code; the parameter counts therefore
 match those repositories (e.g. resnet20 / 100 classes: 278,324; resnet8x4: 1,233,540). Global pooling is
 adaptive, so 28x28 inputs work too (the originals used AvgPool2d(8) for 32x32).
+
+Feature points: ``stem``, ``stage1``..``stage3`` (the stages' outputs, after the last block's ReLU),
+``preact1``..``preact3`` (the same residual sums before that ReLU, mdistiller's ``preact_feats``),
+``prepool`` (= stage 3), ``embedding``, ``logits``.
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(
                 nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
             )
+        self.preact = nn.Identity()  # marks the residual sum before the last ReLU (feature point preact<i>)
         self.relu2 = nn.ReLU()
 
     def forward(self, x):
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu2(out + shortcut)
+        return self.relu2(self.preact(out + shortcut))
 
 
 class CifarResNet(ZooModel):
@@ -69,7 +74,9 @@ class CifarResNet(ZooModel):
             blocks = [BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             cin = w
-        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
+        # preact<i>: stage i's output before its last ReLU (the last block's residual sum: mdistiller's preact_feats)
+        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu",
+                             preacts=[f"layer{i}.{n - 1}.preact" for i in (1, 2, 3)])
         self.init_weights()
 
     def forward(self, x):

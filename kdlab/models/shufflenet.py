@@ -6,7 +6,9 @@ V1: stages of 4 / 8 / 4 bottlenecks with widths 240 / 480 / 960, grouped 1x1 con
 ungrouped), channel shuffle, 3x3 depthwise conv (ReLU after its BN, as in the reference code), and at
 stride 2 a 3x3 average-pool shortcut concatenated with the branch. V2: widths 116 / 232 / 464, 3 / 7 / 3
 basic units after a down-sampling unit per stage, then a 1x1 conv to 1024 channels. "prepool" is the map
-that is pooled: stage 3's output (V1) or the 1024-channel conv output (V2).
+that is pooled: stage 3's output (V1) or the 1024-channel conv output (V2). ``preact1``..``preact3``: each
+stage's output before the last unit's final ReLU (V2: [x1, branch] before the shuffle), mdistiller's
+``preact_feats``.
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ class ShuffleV1Unit(nn.Module):
         self.conv3 = nn.Conv2d(mid, cout, kernel_size=1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
+        self.preact = nn.Identity()  # marks the unit's output before its last ReLU (feature point preact<i>)
         self.relu3 = nn.ReLU()
 
     def forward(self, x):
         out = self.shuffle(self.relu1(self.bn1(self.conv1(x))))
         out = self.bn3(self.conv3(self.relu2(self.bn2(self.conv2(out)))))
         res = self.shortcut(x)
-        return self.relu3(torch.cat([out, res], 1) if self.stride == 2 else out + res)
+        return self.relu3(self.preact(torch.cat([out, res], 1) if self.stride == 2 else out + res))
 
 
 class ShuffleNetV1(ZooModel):
@@ -86,7 +89,9 @@ class ShuffleNetV1(ZooModel):
                 )
                 cin = w
             self.add_module(f"layer{i}", nn.Sequential(*units))
-        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
+        # preact<i>: stage i's output before the last unit's ReLU (mdistiller's preact_feats)
+        self.add_pooled_head(cin, num_classes, stages=("layer1", "layer2", "layer3"), stem="relu",
+                             preacts=[f"layer{i}.{n - 1}.preact" for i, n in enumerate(blocks, 1)])
         self.init_weights()
 
     def forward(self, x):
@@ -119,7 +124,10 @@ class ShuffleV2Down(nn.Module):
 
 
 class ShuffleV2Unit(nn.Module):
-    def __init__(self, channels: int):
+    """A basic unit; ``preact=True`` (the last unit of a stage) adds the point ``preact``: the concatenation
+    [x1, branch before its last ReLU], unshuffled (mdistiller's ``preact_feats`` of ShuffleNetV2)."""
+
+    def __init__(self, channels: int, preact: bool = False):
         super().__init__()
         self.split = channels // 2
         c = channels - self.split
@@ -132,10 +140,17 @@ class ShuffleV2Unit(nn.Module):
             *_bn_relu(c),
         )
         self.shuffle = ChannelShuffle(2)
+        self.preact = nn.Identity() if preact else None
 
     def forward(self, x):
         x1, x2 = x[:, : self.split], x[:, self.split :]
-        return self.shuffle(torch.cat([x1, self.branch(x2)], 1))
+        if self.preact is None:
+            return self.shuffle(torch.cat([x1, self.branch(x2)], 1))
+        pre = x2
+        for layer in self.branch[:-1]:  # all but the final ReLU
+            pre = layer(pre)
+        self.preact(torch.cat([x1, pre], 1))  # computed for its feature point only
+        return self.shuffle(torch.cat([x1, self.branch[-1](pre)], 1))
 
 
 class ShuffleNetV2(ZooModel):
@@ -150,12 +165,12 @@ class ShuffleNetV2(ZooModel):
         self.relu = nn.ReLU()
         cin = 24
         for i, (w, n) in enumerate(zip(widths[:3], blocks), 1):
-            self.add_module(
-                f"layer{i}", nn.Sequential(ShuffleV2Down(cin, w), *[ShuffleV2Unit(w) for _ in range(n)])
-            )
+            units = [ShuffleV2Unit(w, preact=j == n - 1) for j in range(n)]
+            self.add_module(f"layer{i}", nn.Sequential(ShuffleV2Down(cin, w), *units))
             cin = w
         self.conv2 = nn.Sequential(nn.Conv2d(cin, widths[3], 1, bias=False), *_bn_relu(widths[3]))
-        self.add_pooled_head(widths[3], num_classes, stages=("layer1", "layer2", "layer3"), stem="relu")
+        self.add_pooled_head(widths[3], num_classes, stages=("layer1", "layer2", "layer3"), stem="relu",
+                             preacts=[f"layer{i}.{n}.preact" for i, n in enumerate(blocks, 1)])
         self.init_weights()
 
     def forward(self, x):

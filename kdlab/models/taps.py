@@ -9,6 +9,89 @@ from torch import nn
 
 from kdlab.errors import ConfigError
 
+#: The layers mdistiller's CIFAR models hand the feature methods, per zoo family, as kdlab feature points: the one
+#: table a method reads when its taps are not set (``distill.<method>.*_tap(s): null``). mdistiller's models return
+#: ``feats`` = [f0, f1, .., fK] (stem, then each stage's output), ``preact_feats`` (the same before the last ReLU)
+#: and ``pooled_feat`` (mdistiller/models/cifar/{resnet,wrn,vgg,mobilenetv2,ShuffleNetv1,ShuffleNetv2}.py, forward);
+#: the entries are the lists its distillers read:
+#:   hint           feats[2]                     FitNet (distillers/FitNet.py, HINT_LAYER 2)
+#:   feats          feats[1:]                    AT (distillers/AT.py)
+#:   last           feats[-1]                    SP (distillers/SP.py)
+#:   review         feats[1:] + [pooled_feat]    ReviewKD's student (distillers/ReviewKD.py, STU_PREACT false)
+#:   review_preact  preact_feats[1:] + [pooled]  ReviewKD's teacher
+#: mdistiller's f_i is kdlab's ``stage<i>`` (vgg: ``stage<i+1>``, kdlab counts block0 as stage 1) and its pooled
+#: feature kdlab's ``embedding``. ``prepool`` stands where it is the same tensor as the last stage (resnet, vgg,
+#: shufflev1), the name these methods' defaults used before the table, so their stages keep their store keys.
+#: mobilenetv2 has no ``preact_feats`` in mdistiller (no ReviewKD teacher entry). The zoo's tests name each of these
+#: layers by module path and shape (tests/models/test_reference_taps.py).
+REFERENCE_TAPS: dict[str, dict[str, str | list[str]]] = {
+    "resnet": {  # resnet8 .. resnet110, resnet8x4, resnet32x4
+        "hint": "stage2",
+        "feats": ["stage1", "stage2", "prepool"],
+        "last": "prepool",
+        "review": ["stage1", "stage2", "stage3", "embedding"],
+        "review_preact": ["preact1", "preact2", "preact3", "embedding"],
+    },
+    "wrn": {
+        "hint": "stage2",
+        "feats": ["stage1", "stage2", "stage3"],
+        "last": "stage3",
+        "review": ["stage1", "stage2", "stage3", "embedding"],
+        "review_preact": ["preact1", "preact2", "preact3", "embedding"],
+    },
+    "vgg": {
+        "hint": "stage3",
+        "feats": ["stage2", "stage3", "stage4", "stage5"],
+        "last": "prepool",
+        "review": ["stage2", "stage3", "stage4", "stage5", "embedding"],
+        "review_preact": ["preact2", "preact3", "preact4", "preact5", "embedding"],
+    },
+    "mobilenetv2": {
+        "hint": "stage2",
+        "feats": ["stage1", "stage2", "stage3", "stage4"],
+        "last": "stage4",
+        "review": ["stage1", "stage2", "stage3", "stage4", "embedding"],
+    },
+    "shufflev1": {
+        "hint": "stage2",
+        "feats": ["stage1", "stage2", "prepool"],
+        "last": "prepool",
+        "review": ["stage1", "stage2", "stage3", "embedding"],
+        "review_preact": ["preact1", "preact2", "preact3", "embedding"],
+    },
+    "shufflev2": {
+        "hint": "stage2",
+        "feats": ["stage1", "stage2", "stage3"],
+        "last": "stage3",
+        "review": ["stage1", "stage2", "stage3", "embedding"],
+        "review_preact": ["preact1", "preact2", "preact3", "embedding"],
+    },
+}
+
+
+def reference_family(arch: str) -> str | None:
+    """The row of :data:`REFERENCE_TAPS` for zoo model ``arch`` (None for a family without one: plain CNNs,
+    LeNet, the DAFL ResNets, library models); the two ShuffleNets are rows of their own."""
+    from kdlab.models.factory import model_family
+
+    family = model_family(arch)
+    family = arch if family == "shufflenet" else family
+    return family if family in REFERENCE_TAPS else None
+
+
+def reference_taps(arch: str, entry: str, where: str) -> str | list[str] | None:
+    """The feature point(s) ``entry`` of :data:`REFERENCE_TAPS` for ``arch``; None when its family has no row (the
+    method's own fallback applies), a ConfigError naming ``where`` when the row lacks the entry."""
+    family = reference_family(arch)
+    if family is None:
+        return None
+    row = REFERENCE_TAPS[family]
+    if entry not in row:
+        raise ConfigError(f"{where}: mdistiller's {family} has no {entry!r} layers (models of that family have no "
+                          f"such reference layers), so set {where} for {arch!r}")
+    value = row[entry]
+    return list(value) if isinstance(value, list) else value
+
 
 def feature_points(model: nn.Module) -> dict[str, str]:
     """The model's named feature points (point name -> dotted submodule path); {} for foreign models."""

@@ -3,7 +3,7 @@
 Five blocks of 3x3 conv (with bias) + BN + ReLU; 2x2 max-pools after the first three blocks (and after
 the fourth only for inputs of 64 pixels or more, as in the reference); adaptive average pooling; one FC
 (no 4096-wide classifier layers). Stage i is block i-1's output (after its ReLU); "prepool" is the last
-block's output.
+block's output; ``preact<i>`` stage i before its last ReLU (the block's last BN: mdistiller's ``preact_feats``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class VGG(ZooModel):
             if i < 4:
                 pool = nn.MaxPool2d(kernel_size=2, stride=2) if (i < 3 or h >= 64) else nn.Identity()
                 self.add_module(f"pool{i}", pool)
-        self.add_pooled_head(cin, num_classes, stages=[f"block{i}" for i in range(5)])
+        # preact<i>: stage i before its last ReLU, the output of block i-1's last BN (mdistiller's preact_feats)
+        self.add_pooled_head(cin, num_classes, stages=[f"block{i}" for i in range(5)],
+                             preacts=[f"block{i}.{3 * len(block) - 2}" for i, block in enumerate(cfg)])
         self.init_weights()
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)

@@ -6,7 +6,9 @@ count changes (its input is the block's activated input, as in the reference cod
 global average pooling (adaptive here, so 28x28 works), FC.
 
 Registered: wrn_16_1, wrn_16_2, wrn_16_4, wrn_40_1, wrn_40_2, wrn_40_4, wrn_28_10; any `wrn_<d>_<k>` with
-d = 6n + 4 also builds. "prepool" is the output of the final BN + ReLU, the tensor that is pooled.
+d = 6n + 4 also builds. "prepool" is the output of the final BN + ReLU, the tensor that is pooled; the stages
+are the raw block outputs (residual sums), and ``preact1``..``preact3`` each stage's output after the BN that
+precedes the next ReLU (mdistiller's ``preact_feats``).
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ class WideResNet(ZooModel):
             cin = w
         self.bn1 = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU()
-        self.add_pooled_head(cin, num_classes, stages=("block1", "block2", "block3"), stem="conv1")
+        # preact<i>: stage i's output through the BN that precedes the next ReLU (the next stage's first block's
+        # bn1; the final bn1 for stage 3): mdistiller's preact_feats of the WRN
+        self.add_pooled_head(cin, num_classes, stages=("block1", "block2", "block3"), stem="conv1",
+                             preacts=("block2.0.bn1", "block3.0.bn1", "bn1"))
         self.init_weights()
         nn.init.zeros_(self.fc.bias)
 

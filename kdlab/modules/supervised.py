@@ -12,6 +12,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.errors import ConfigError, TrainingError, warn
+from kdlab.modules.fidelity import split_outputs
 
 
 class SupervisedModule(pl.LightningModule):
@@ -52,7 +53,12 @@ class SupervisedModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc_best = MaxMetric()
-        self.val_curve: list[float] = []
+        self.val_curve: list[float] = []  # the per-epoch evaluation's accuracy (on the test split: see eval_names)
+        # its metric names; without a validation split the loop runs on the test split and is logged as such
+        # (kdlab.pipeline.protocol.TEST_NAMES), so that nothing reading val/acc reads the test split
+        self.eval_names = {"loss": "val/loss", "acc": "val/acc", "acc_best": "val/acc_best"}
+        #: the last test pass's {"logits": (N, K) fp16, "labels": (N,)} in test-split order (None before one)
+        self.test_outputs: dict[str, torch.Tensor] | None = None
         self.samples_seen = 0
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -180,22 +186,32 @@ class SupervisedModule(pl.LightningModule):
         logits = self.model(self._input(x))
         loss = F.cross_entropy(logits, y)
         self.val_acc(logits, y)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0])
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        self.log(self.eval_names["loss"], loss, on_step=False, on_epoch=True, batch_size=y.shape[0])
+        self.log(self.eval_names["acc"], self.val_acc, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=y.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         acc = self.val_acc.compute()
         self.val_acc_best(acc)
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+        self.log(self.eval_names["acc_best"], self.val_acc_best.compute(), prog_bar=False)
         self.val_curve.append(float(acc))
 
+    def on_test_epoch_start(self) -> None:
+        self._test_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y, _ = batch
+        x, y, idx = batch
         logits = self.model(self._input(x))
         self.test_acc(logits, y)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=y.shape[0])
+        self._test_rows.append((idx, logits.detach(), y))
+
+    def on_test_epoch_end(self) -> None:
+        # the pass's logits in split order, kept for the stage's fidelity and calibration (kdlab/modules/fidelity.py)
+        self.test_outputs = split_outputs(self._test_rows)
+        self._test_rows = []
 
     # -- optimization -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from kdlab.distill import STRATEGIES, SourceSelector, build_strategy
-from kdlab.distill.base import StrategyContext
+from kdlab.distill import SourceSelector
+from kdlab.distill.base import Strategy, StrategyContext
 from kdlab.errors import ConfigError
 from kdlab.models import build_model, feature_shapes
 from kdlab.models.library import attach_preprocess, is_library_arch, pretrained_sha256
@@ -22,6 +22,7 @@ from kdlab.modules.selfdistill import SelfDistillModule, self_teaching_layers
 from kdlab.pipeline.callbacks import build_callbacks, has_progress_bar
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.loggers import logger_entries
+from kdlab.pipeline.protocol import key_fields
 from kdlab.pipeline.runtime import compute_device, resolve_precision, sources_channels_last
 from kdlab.pipeline.source_cache import cache_enabled, source_outputs_cache, stage_view_caches, view_data_key
 from kdlab.pipeline.spec import StageSpec
@@ -77,28 +78,32 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def stage_data(spec: StageSpec, ctx: RunContext, source_keys: list[str]) -> Any:
+    """The stage's view of the run's data (:meth:`kdlab.data.base.KdDataModule.for_stage`): its own seed (data
+    order and augmentation draws), its training augmentation (``pipeline.per_stage.<name>.augment``), and view ids
+    on its training batches where a source teaches it from a view cache. ``ctx.dm`` itself is never changed."""
+    return ctx.dm.for_stage(seed=spec.seed, augment=spec.augment,
+                            views=teaches_from_views(spec, ctx, source_keys))
+
+
 def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) -> dict[str, Any]:
     """Everything that determines a stage's weights; its hash is the store key."""
     cfg, dm = ctx.cfg, ctx.dm
-    data = dm.fingerprint()
-    if spec.augment is not None:  # a stage trained with its own augmentation: its own data fingerprint
-        with dm.stage_augment(spec.augment):
-            data = dm.fingerprint()
+    data = stage_data(spec, ctx, source_keys)  # a stage with its own augmentation: its own data fingerprint
     trainer = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in NON_SEMANTIC_TRAINER_KEYS}
     # the precision the stage really trains at (auto differs per machine), so fp32 and bf16 weights never mix
     trainer["precision"] = str(resolve_precision(trainer.get("precision", "auto"), compute_device(ctx)))
     desc: dict[str, Any] = {
         "model": spec.model, "num_classes": dm.num_classes, "in_channels": dm.in_channels,
-        "input_size": dm.image_size, "data": data, "batch_size": cfg["data"]["batch_size"],
+        "input_size": dm.image_size, "data": data.fingerprint(), "batch_size": cfg["data"]["batch_size"],
         "sources": source_keys, "distill": spec.distill, "stochastic": spec.stochastic,
         "optimizer": spec.optimizer, "scheduler": spec.scheduler, "max_epochs": spec.max_epochs,
         "seed": spec.seed, "trainer": trainer,
+        **key_fields(cfg, spec),  # the checkpoint it keeps, where not its best-on-validation epoch (protocols)
     }
     k = (cfg.get("distill") or {}).get("view_topk")
-    if k is not None and ctx.view_plan and reads_training_views(spec):  # taught from top-k logits: another student
-        taps = source_taps(spec)
-        if any(uses_views(ctx, s, taps) for s in source_keys):
-            desc["source_logits"] = f"top{k}"
+    if k is not None and data.train_views:  # taught from top-k logits: another student
+        desc["source_logits"] = f"top{k}"
     tcfg = cfg.get("trainer") or {}
     if str(tcfg.get("strategy") or "").startswith("ddp"):  # the global batch grows with the world size
         devices = tcfg.get("devices", 1)
@@ -117,21 +122,29 @@ def stage_description(spec: StageSpec, ctx: RunContext, source_keys: list[str]) 
 
 def source_taps(spec: StageSpec) -> list[str]:
     """The feature taps the stage's strategy records from its sources."""
-    return list(STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)[1])
+    return list(spec.strategy_cls.taps(spec.distill)[1])
 
 
 def reads_training_views(spec: StageSpec) -> bool:
     """Whether the stage's sources see its training batches (and so could teach from view caches): not for a
     stage without sources, nor for a data-free one (its sources see generated images)."""
-    strategy = STRATEGIES.get(str(spec.distill.get("strategy", "kd")))
     # a stage with its own augmentation (pipeline.per_stage.<name>.augment) is not planned on the data's views
-    return bool(spec.sources) and not getattr(strategy, "data_free", False) and spec.augment is None
+    return bool(spec.sources) and not spec.strategy_cls.data_free and spec.augment is None
 
 
 def uses_views(ctx: RunContext, source_key: str, taps: list[str]) -> bool:
     """Whether the stored source ``source_key`` teaches a stage with these taps from its view cache (the run's
     plan, :func:`kdlab.pipeline.view_plan.plan_views`)."""
     return bool(ctx.view_plan) and (source_key, view_data_key(ctx, taps)) in ctx.view_plan
+
+
+def teaches_from_views(spec: StageSpec, ctx: RunContext, source_keys: list[str]) -> bool:
+    """Whether some source (by its store key) teaches the stage from a view cache: then the stage's training
+    batches carry the view id of each sample, and a top-k plan (``distill.view_topk``) is in its key."""
+    if not reads_training_views(spec):
+        return False
+    taps = source_taps(spec)
+    return any(uses_views(ctx, key, taps) for key in source_keys)
 
 
 def make_trainer(ctx: RunContext, spec: StageSpec, **runtime: Any) -> pl.Trainer:
@@ -160,9 +173,10 @@ def load_source(spec: StageSpec, record: StageRecord, ctx: RunContext) -> nn.Mod
 
 
 def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[StageSpec, StageRecord]],
-                 ctx: RunContext, frozen: bool = False) -> SupervisedModule:
-    """The stage's LightningModule; ``frozen``: a model that is only evaluated (an imported teacher), which
-    runs in the sources' memory format (``speed.sources_channels_last``)."""
+                 ctx: RunContext, data: Any = None, frozen: bool = False) -> SupervisedModule:
+    """The stage's LightningModule; ``data``: the stage's view of the data (:func:`stage_data`), which a stage with
+    sources needs for their caches; ``frozen``: a model that is only evaluated (an imported teacher), which runs
+    in the sources' memory format (``speed.sources_channels_last``)."""
     speed = ctx.cfg.get("speed") or {}
     channels_last = bool(speed.get("channels_last", False))
     if frozen:
@@ -172,48 +186,58 @@ def build_module(spec: StageSpec, model: nn.Module, sources: dict[str, tuple[Sta
               "max_epochs": spec.max_epochs, "stage": spec.name, "channels_last": channels_last,
               "label_smoothing": float(spec.distill.get("label_smoothing", 0.0)),
               "on_nan": str(ctx.cfg.get("on_nan", "stop"))}
-    ctx.dm.train_views = False  # training batches carry view ids only for a stage with view-cached sources
     if not sources:
-        strategy = STRATEGIES.get(str(spec.distill.get("strategy", "ce")))
-        if getattr(strategy, "self_distill", False):  # SPEQ: the network teaches itself
-            return SelfDistillModule(model, strategy=build_strategy(spec.distill, stage_context(spec, model, {}, ctx)),
-                                     seed=spec.seed, **common)
+        if getattr(spec.strategy_cls, "self_distill", False):  # SPEQ: the network teaches itself
+            return SelfDistillModule(model, strategy=stage_strategy(spec, model, {}, ctx), seed=spec.seed, **common)
         return SupervisedModule(model, **common)
     source_models = {name: load_source(s_spec, rec, ctx) for name, (s_spec, rec) in sources.items()}
-    strategy, t_taps = stage_strategy(spec, model, source_models, ctx)
+    strategy = stage_strategy(spec, model, source_models, ctx)
     if strategy.data_free:  # DAFL: generated images only, so no source caches (they would read the training split)
         return DataFreeModule(model, teacher=next(iter(source_models.values())), strategy=strategy,
                               generator=strategy.make_generator((ctx.dm.in_channels, ctx.dm.image_size,
                                                                  ctx.dm.image_size)),
                               image_dir=ctx.run_dir / "generated" / spec.name, seed=spec.seed, **common)
-    cache = None
-    viewed = [name for name, (_, rec) in sources.items() if uses_views(ctx, rec.key, t_taps)]
-    views = stage_view_caches(ctx, {name: (sources[name][1], source_models[name]) for name in viewed}, t_taps) \
-        if viewed else {}
-    ctx.dm.train_views = bool(views)  # the sources not in the plan (distill.cache=auto) run live
-    if not views and cache_enabled(ctx):
-        cache = {name: source_outputs_cache(ctx, rec, source_models[name], t_taps)
-                 for name, (_, rec) in sources.items()}
     frozen_cl = channels_last or sources_channels_last(ctx.cfg, compute_device(ctx))
-    bank = SourceBank(source_models, t_taps, cache, channels_last=frozen_cl, views=views)
+    bank = source_bank(spec, sources, source_models, ctx, data, frozen_cl)
     selector = None
     if spec.stochastic:
         selector = SourceSelector(list(sources), **spec.stochastic, seed=spec.seed, stage=spec.name)
     return DistillModule(model, sources=bank, strategy=strategy, selector=selector, **common)
 
 
+def source_bank(spec: StageSpec, sources: dict[str, tuple[StageSpec, StageRecord]],
+                source_models: dict[str, nn.Module], ctx: RunContext, data: Any, channels_last: bool) -> SourceBank:
+    """The stage's frozen sources and where their outputs come from: the view caches of the sources the run's plan
+    names (when ``data`` gives the batches' view ids), else the per-image cache of an unaugmented training split
+    (``distill.cache``), else live forward passes."""
+    taps = source_taps(spec)
+    viewed = [name for name, (_, rec) in sources.items() if uses_views(ctx, rec.key, taps)] \
+        if data.train_views else []  # the sources not in the plan (distill.cache=auto) run live
+    views = stage_view_caches(ctx, {name: (sources[name][1], source_models[name]) for name in viewed}, taps) \
+        if viewed else {}
+    cache = None
+    if not views and cache_enabled(ctx, data):
+        cache = {name: source_outputs_cache(ctx, data, rec, source_models[name], taps)
+                 for name, (_, rec) in sources.items()}
+    return SourceBank(source_models, taps, cache, channels_last=channels_last, views=views)
+
+
 def stage_strategy(spec: StageSpec, model: nn.Module, source_models: dict[str, nn.Module], ctx: RunContext
-                   ) -> tuple[Any, list[str]]:
-    """The stage's strategy (its feature taps resolved on the actual models) and the sources' taps."""
-    t_taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)[1]
-    return build_strategy(spec.distill, stage_context(spec, model, source_models, ctx)), t_taps
+                   ) -> Strategy:
+    """The stage's strategy, its feature taps resolved on ``model`` and ``source_models``: the one place a stage's
+    strategy is built, by :func:`check_stages` (a check: models without weights, the instance dropped) and by
+    :func:`build_module` (the one that trains). It is built again for training, not kept from the check, because
+    its trainable parts (FEED's translators, CRD's embeddings, ...) draw their initial weights from the stage's
+    seeded RNG, after the student and its sources are built: a kept instance would carry draws from the run's RNG
+    at check time, and a stage's weights would depend on the run that trained it."""
+    return spec.strategy_cls(spec.distill, stage_context(spec, model, source_models, ctx))
 
 
 def stage_context(spec: StageSpec, model: nn.Module, source_models: dict[str, nn.Module], ctx: RunContext
                   ) -> StrategyContext:
     """What the stage's strategy is told when it is built: the feature shapes of its taps, the data size."""
     shape = (ctx.dm.in_channels, ctx.dm.image_size, ctx.dm.image_size)
-    s_taps, t_taps = STRATEGIES.get(str(spec.distill.get("strategy", "kd"))).taps(spec.distill)
+    s_taps, t_taps = spec.strategy_cls.taps(spec.distill)
     return StrategyContext(
         stage=spec.name, source_names=list(source_models), num_classes=ctx.dm.num_classes,
         student_feature_shapes=feature_shapes(model, s_taps, shape) if s_taps else {},
@@ -230,7 +254,7 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
     by_name = {s.name: s for s in specs}
     for spec in specs:
         if spec.augment is not None:
-            if spec.checkpoint or spec.pretrained is not None:
+            if spec.imported:
                 raise ConfigError(f"stage {spec.name!r} is imported (evaluated, never trained), so "
                                   f"pipeline.per_stage.{spec.name}.augment does not apply to it")
             ctx.dm.check_augment(spec.augment, f"pipeline.per_stage.{spec.name}.augment")
@@ -244,8 +268,8 @@ def check_stages(specs: list[StageSpec], ctx: RunContext) -> None:
                 raise ConfigError(f"stage {spec.name!r}: bad {what} config: {reason}") from e
         if spec.sources and not spec.checkpoint:
             stage_strategy(spec, model, {n: build_stage_model(by_name[n], ctx.dm) for n in spec.sources}, ctx)
-        elif getattr(STRATEGIES.get(str(spec.distill.get("strategy", "ce"))), "self_distill", False):
-            build_strategy(spec.distill, stage_context(spec, model, {}, ctx))
+        elif getattr(spec.strategy_cls, "self_distill", False):
+            stage_strategy(spec, model, {}, ctx)
             self_teaching_layers(model, spec.name)  # SPEQ needs quantized activations to switch
     logger_entries(ctx.cfg.get("logger"))
     callbacks = build_callbacks(ctx.cfg.get("callbacks"))

@@ -41,7 +41,7 @@ class EpochLines(Callback):
         m = trainer.callback_metrics
         stage = getattr(pl_module, "stage_name", "stage")
         parts = [f"[{stage}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
-        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss_epoch", "test/acc_epoch"):
             if key in m:
                 parts.append(f"{key} {float(m[key]):.4f}")
         parts.append(f"({time.perf_counter() - self._t0:.1f} s)")

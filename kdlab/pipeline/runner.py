@@ -21,10 +21,13 @@ from kdlab.errors import (
     warn,
 )
 from kdlab.models.quant import quant_report
+from kdlab.pipeline import protocol
 from kdlab.pipeline.assemble import build_stage_model, check_stages, count_params, stage_description
+from kdlab.pipeline.cards import reference_report, summary_line
 from kdlab.pipeline.checks import validate_stages
 from kdlab.pipeline.context import RunContext
 from kdlab.pipeline.environment import describe_environment
+from kdlab.pipeline.fidelity import stage_fidelity
 from kdlab.pipeline.lr_scaling import describe
 from kdlab.pipeline.spec import StageSpec, build_stages
 from kdlab.pipeline.train import import_checkpoint, import_pretrained, resume_point, train_stage
@@ -39,8 +42,11 @@ RESULTS_SCHEMA = 1
 STAGE_FIELDS = ("params", "epochs", "best_epoch", "val_acc", "test_acc", "test_acc_last", "train_seconds",
                 "samples_per_second", "val_curve", "extra_params", "stage_seconds")
 # data-free stages (DAFL): test_acc is the last epoch's, the best-on-val epoch's numbers are labelled;
-# pretrained: an imported library (or weights-file) stage, evaluated as it is, never trained
-OPTIONAL_STAGE_FIELDS = ("data_free", "test_acc_best_val", "val_acc_best", "pretrained")
+# pretrained: an imported library (or weights-file) stage, evaluated as it is, never trained; without a
+# validation split (protocol=reference) the per-epoch test curve, its best epoch and accuracy (named so: chosen on
+# the test split, choosing nothing else)
+OPTIONAL_STAGE_FIELDS = ("data_free", "test_acc_best_val", "val_acc_best", "pretrained", "test_acc_best_on_test",
+                         "best_epoch_on_test", "test_curve", "kept_epoch")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -58,6 +64,7 @@ def new_results(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         "schema": RESULTS_SCHEMA, "kdlab_version": kdlab.__version__,
         "environment": describe_environment(cfg.get("trainer")),
         "experiment": cfg.get("experiment_name") or "default", "method": cfg.get("method"),
+        "protocol": protocol.protocol_name(cfg), "reference": None,
         "dataset": (cfg.get("data") or {}).get("name"), "seed": cfg.get("seed"), "overrides": overrides,
         "status": "running", "stages": [], "final": None, "wall_seconds": None,
         "config": {k: v for k, v in flatten({k: cfg[k] for k in cfg if k not in ("hydra", "paths")}).items()
@@ -107,6 +114,7 @@ def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict
     out["quant"] = spec.model.get("quant")  # the model.quant block; null for a float stage
     out.update(quant_report(build_stage_model(spec, dm)))  # weight_bits, act_bits, size_bytes at those bits
     out.update({k: meta[k] for k in OPTIONAL_STAGE_FIELDS if k in meta})  # where they apply
+    out["kept"] = protocol.kept_of(meta)  # the checkpoint it stored and passed on (null: imported as it is)
     out["checkpoint"] = str(record.weights_path)
     out["csv_log"] = extra.get("csv_log")
     return out
@@ -129,77 +137,27 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
     where = "before the first stage"  # named by a SIGTERM / SIGINT (Interrupted) and in results.json
     handlers = install_interrupt_handlers()  # SIGTERM / SIGINT raise Interrupted (this process only)
     try:
-        specs = build_stages(plain)
-        validate_stages(specs, plain)
-        store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
-                                                                        .get("on_corrupt", "retrain")),
-                           writer=sync.leader)
-        data_cfg = {k: v for k, v in plain["data"].items() if k != "batch_size"}
-        dm = build_datamodule(data_cfg, batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
-        results["dataset"] = getattr(dm, "name", results["dataset"])
-        if sync.leader:
-            log.info("%s", run_summary(plain, dm, specs))
-        if sync.leader:
-            warn_if_growing(specs, dm)
-        ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
-                         dataset=str(results["dataset"]), group=run_group(plain, run_dir))
-        check_stages(specs, ctx)  # every config error surfaces before the first stage is trained
-        ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
+        specs, ctx = start_run(plain, run_dir, results, sync)
         done: dict[str, tuple[StageSpec, StageRecord]] = {}
         for spec in specs:
             if only is not None and spec.name not in only:
-                continue  # planned with the others above: the same keys as the whole pipeline's
+                continue  # planned with the others by start_run: the same keys as the whole pipeline's
             where = f"during stage {spec.name}"
-            sources = {name: done[name] for name in spec.sources}
-            description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
-            key = stage_key(description)
-            with store.lock(key, spec.name) as waited:  # held while training: parallel runs wait, then reuse it
-                if sync.leader:
-                    record = store.lookup(key, spec.name)
-                    imported = spec.checkpoint or spec.pretrained is not None
-                    resume = None if record or imported else resume_point(store.work_dir(key), spec.name)
-                    plan = sync.share({"key": key, "train": record is None, "resume": resume})
-                else:
-                    plan = sync.receive(key, store)
-                    record = None if plan["train"] else store.read(key, spec.name)
-                cached, extra = record is not None, {}
-                if record is None:
-                    log.info("stage %s (%s): %s, store key %s", spec.name, spec.arch,
-                             "importing" if spec.checkpoint or spec.pretrained is not None else "training", key)
-                    if spec.checkpoint:
-                        record = import_checkpoint(spec, key, ctx, description)
-                    elif spec.pretrained is not None:
-                        record = import_pretrained(spec, key, ctx, description)
-                    else:
-                        with dm.stage_augment(spec.augment):  # pipeline.per_stage.<name>.augment, if set
-                            record, extra = train_stage(spec, key, sources, ctx, description,
-                                                        resume=plan["resume"])
-                else:
-                    log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
+            record, entry = run_stage(spec, done, ctx, sync)
             done[spec.name] = (spec, record)
-            results["stages"].append({**stage_result(spec, record, cached, extra, dm),
-                                      "lock_wait_seconds": round(waited.seconds, 3)})
+            results["stages"].append(entry)
             if sync.leader:
                 atomic_write_json(results_path, results)  # progress, still status "running"
         last = results["stages"][-1]
         results["final"] = {"stage": last["name"], "test_acc": last["test_acc"],
-                            "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"]}
+                            "test_acc_last": last["test_acc_last"], "val_acc": last["val_acc"],
+                            **{k: last[k] for k in ("test_acc_best_on_test",) if k in last}}
         results["status"] = "completed"
     except BaseException as e:  # record every failure, then let the caller report it
-        stop = interruption(e)  # SIGTERM / SIGINT: finished stages stay committed, the rerun resumes
-        if stop is not None:
-            stop.where = stop.where or where
-            results["status"] = "interrupted"
-            results["error"] = str(stop)
-            if stop is e:
-                raise
-            raise stop from e
-        results["status"] = "failed"
-        results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
-            type(e).__name__
-        if not isinstance(e, KdlabError):
-            results["traceback"] = traceback.format_exc()
-        raise
+        stop = record_failure(results, e, where)
+        if stop is None or stop is e:
+            raise
+        raise stop from e
     finally:
         results["wall_seconds"] = round(time.perf_counter() - t0, 3)
         try:
@@ -210,6 +168,82 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
         finally:
             restore_interrupt_handlers(handlers)
     return results
+
+
+def record_failure(results: dict[str, Any], e: BaseException, where: str) -> BaseException | None:
+    """``results`` marked failed (or interrupted) by ``e``, raised ``where``; returns the Interrupted to raise
+    for a SIGTERM / SIGINT (finished stages stay committed, the rerun resumes), else None."""
+    stop = interruption(e)
+    if stop is not None:
+        stop.where = stop.where or where
+        results["status"] = "interrupted"
+        results["error"] = str(stop)
+        return stop
+    results["status"] = "failed"
+    results["error"] = (str(e) if isinstance(e, KdlabError) else f"{type(e).__name__}: {e}").strip() or \
+        type(e).__name__
+    if not isinstance(e, KdlabError):
+        results["traceback"] = traceback.format_exc()
+    return None
+
+
+def start_run(plain: dict[str, Any], run_dir: Path, results: dict[str, Any], sync: RankSync
+              ) -> tuple[list[StageSpec], RunContext]:
+    """Before the first stage: the checked stage specs, the store, the data loaded once (missing data fails
+    here), every stage built once without training (:func:`check_stages`) and the view caches planned."""
+    specs = build_stages(plain)
+    validate_stages(specs, plain)
+    results["reference"] = reference_report(plain, specs)  # protocol=reference: the recipe's card vs this run
+    store = StageStore(plain["paths"]["store_dir"], on_corrupt=str((plain.get("store") or {})
+                                                                    .get("on_corrupt", "retrain")),
+                       writer=sync.leader)
+    data_cfg = {k: v for k, v in plain["data"].items() if k != "batch_size"}
+    dm = build_datamodule(data_cfg, batch_size=int(plain["data"]["batch_size"]), seed=int(plain["seed"]))
+    results["dataset"] = getattr(dm, "name", results["dataset"])
+    if sync.leader:
+        log.info("%s", run_summary(plain, dm, specs))
+        if results["reference"] is not None:  # changed fields: this run is not the reference run
+            (warn if results["reference"]["changed"] else log.info)(summary_line(results["reference"]))
+        warn_if_growing(specs, dm)
+    ctx = RunContext(cfg=plain, run_dir=run_dir, store=store, dm=dm, method=str(plain.get("method")),
+                     dataset=str(results["dataset"]), group=run_group(plain, run_dir))
+    check_stages(specs, ctx)  # every config error surfaces before the first stage is trained
+    ctx.view_plan = plan_views(specs, ctx)  # which sources teach from view caches; the disk holds them
+    return specs, ctx
+
+
+def run_stage(spec: StageSpec, done: dict[str, tuple[StageSpec, StageRecord]], ctx: RunContext, sync: RankSync
+              ) -> tuple[StageRecord, dict[str, Any]]:
+    """One stage, its sources in ``done``: its store key; then, under the key's lock, the store's copy, or the
+    stage imported or trained and committed. Returns its record and its results.json entry."""
+    sources = {name: done[name] for name in spec.sources}
+    description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
+    key = stage_key(description)
+    extra: dict[str, Any] = {}
+    with ctx.store.lock(key, spec.name) as waited:  # held while training: parallel runs wait, then reuse it
+        if sync.leader:
+            record = ctx.store.lookup(key, spec.name)
+            resume = None if record or spec.imported else resume_point(ctx.store.work_dir(key), spec.name)
+            plan = sync.share({"key": key, "train": record is None, "resume": resume})
+        else:
+            plan = sync.receive(key, ctx.store)
+            record = None if plan["train"] else ctx.store.read(key, spec.name)
+        cached = record is not None
+        if cached:
+            log.info("stage %s (%s): reused from the store (%s)", spec.name, spec.arch, key)
+        else:
+            log.info("stage %s (%s): %s, store key %s", spec.name, spec.arch,
+                     "importing" if spec.imported else "training", key)
+            if spec.checkpoint:
+                record = import_checkpoint(spec, key, ctx, description)
+            elif spec.pretrained is not None:
+                record = import_pretrained(spec, key, ctx, description)
+            else:
+                record, extra = train_stage(spec, key, sources, ctx, description, resume=plan["resume"])
+    entry = {**stage_result(spec, record, cached, extra, ctx.dm), "lock_wait_seconds": round(waited.seconds, 3)}
+    if sync.leader:  # agreement with its sources and teacher, KL, ECE: from stored test-split outputs
+        entry.update(stage_fidelity(ctx, spec, record, done))
+    return record, entry
 
 
 def run_group(cfg: dict[str, Any], run_dir: Path) -> str:

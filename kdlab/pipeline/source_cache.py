@@ -32,12 +32,13 @@ def cache_mode(ctx: RunContext) -> str:
     return mode
 
 
-def cache_enabled(ctx: RunContext) -> bool:
-    """The per-image cache (auto / on with an unaugmented training set)."""
+def cache_enabled(ctx: RunContext, data: Any) -> bool:
+    """The per-image cache (auto / on) for a stage whose training batches (``data``, the stage's view of the data)
+    are unaugmented."""
     mode = cache_mode(ctx)
     if mode in ("off", "views"):
         return False
-    if not ctx.dm.deterministic_train:
+    if not data.deterministic_train:
         if mode == "on":
             log.warning("distill.cache=on needs a deterministic training transform (data.augment=none); "
                         "the sources run live (distill.cache=views caches every augmented view)")
@@ -45,15 +46,16 @@ def cache_enabled(ctx: RunContext) -> bool:
     return True
 
 
-def source_outputs_cache(ctx: RunContext, record: StageRecord, model: nn.Module, taps: list[str]
+def source_outputs_cache(ctx: RunContext, data: Any, record: StageRecord, model: nn.Module, taps: list[str]
                          ) -> dict[str, Any]:
-    """Logits (and tapped features) of a frozen source for the training split, computed once, fp16.
+    """Logits (and tapped features) of a frozen source for the training split of ``data`` (the stage's view of the
+    data, whose fingerprint keys the cache), computed once, fp16.
 
     Computed under the same autocast as the live sources of the stage's training steps (bf16-mixed: bf16),
     so that cached and live outputs agree; the autocast dtype is part of the cache's key."""
     device = compute_device(ctx)
     dtype = autocast_dtype(ctx, device)
-    ident = {"data": ctx.dm.fingerprint(), "taps": sorted(taps), **({"autocast": str(dtype)} if dtype else {})}
+    ident = {"data": data.fingerprint(), "taps": sorted(taps), **({"autocast": str(dtype)} if dtype else {})}
     data_key = hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
     cached = ctx.store.load_cache(record.key, data_key)
     if cached is not None:
@@ -65,7 +67,7 @@ def source_outputs_cache(ctx: RunContext, record: StageRecord, model: nn.Module,
     logits, feats = [], {t: [] for t in taps}
     with inference_format(model, sources_channels_last(ctx.cfg, device)) as fmt, torch.inference_mode(), \
             torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        for x, _, _ in ctx.dm.train_eval_dataloader():
+        for x, _, _ in data.train_eval_dataloader():
             logits.append(model(fmt(x.to(device))).half().cpu())
             for t in taps:
                 feats[t].append(hooks.features[t].half().cpu().contiguous())

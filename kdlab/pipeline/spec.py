@@ -1,22 +1,15 @@
-"""Stage specs: a pipeline config turned into an ordered list of stages.
+"""Stage specs: one stage's settings, from its node of the stage graph (:mod:`kdlab.pipeline.topology`), the
+run's config and its own overrides.
 
-    pipeline.chain     [plain10, plain8, ...]  models, largest first (a name or {arch, on_the_fly, ...})
-    pipeline.topology  single | direct | sequential | dense | ensemble | custom
-    pipeline.names     optional stage names (default teacher, ta1..taN, student)
-    pipeline.roles     optional roles (default teacher / ta / student)
-    pipeline.stages    custom graphs: [{name, model, sources: [names], role, distill, ...}]
-    pipeline.ensemble  K: the first chain model as K teachers -> the student
-    pipeline.generations G: G generations of the first chain model (names gen1..genG-1, student), each taught
-                         by the previous one (topology sequential; dense: by all)
-                       Ensemble teachers and earlier generations get seeds of their own (member_seed), so
-                       no two run seeds share a member and none starts from the student's initial weights;
-                       the student has the run's seed, like the same student trained alone.
     pipeline.per_stage {stage name: {distill: {...}, optimizer: {...}, scheduler: {...}, max_epochs, model,
                         seed_offset, seed, augment}}  overrides for one stage (``seed`` fixes the stage's seed, e.g.
                         one teacher shared by a sweep over seeds: +pipeline.per_stage.teacher.seed=0;
                         ``augment`` its training augmentation, e.g. a teacher trained with crop_flip teaching
                         students trained without, whose sources can then be cached:
                         +pipeline.per_stage.teacher.augment=crop_flip)
+
+:func:`build_stages` = :func:`kdlab.pipeline.topology.stage_graph` (who the stages are and who teaches whom), then
+:func:`stage_spec` for each stage (what it trains with).
 """
 from __future__ import annotations
 
@@ -24,16 +17,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdlab.data.loader import derive_seed
-from kdlab.distill.base import strategy_class
+from kdlab.distill.base import STRATEGIES, Strategy, strategy_class
 from kdlab.distill.stochastic import stochastic_config
 from kdlab.errors import ConfigError
 from kdlab.models.quant import quant_config
 from kdlab.pipeline.lr_scaling import scaled_optimizer
-from kdlab.pipeline.topology import TOPOLOGIES
+from kdlab.pipeline.topology import StageNode, stage_graph
 
 MODEL_DEFAULTS = {"on_the_fly": False, "on_the_fly_n": None, "on_the_fly_mode": "row", "kwargs": {}}
-ROLES = ("teacher", "ta", "pacemaker", "student")
+#: the per-stage settings a custom stage may carry inline in its entry of ``pipeline.stages``
+INLINE_SETTINGS = ("distill", "optimizer", "scheduler", "max_epochs", "augment")
 
 
 @dataclass
@@ -42,6 +35,7 @@ class StageSpec:
     role: str
     model: dict[str, Any]
     sources: list[str]
+    #: the keys its strategy reads, ``strategy`` always among them (:func:`stage_distill`)
     distill: dict[str, Any]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
@@ -61,6 +55,16 @@ class StageSpec:
     def pretrained(self) -> Any:
         """``model.pretrained`` (true or a weights file) of an imported library stage, else None."""
         return self.model.get("pretrained")
+
+    @property
+    def imported(self) -> bool:
+        """Imported as it is (``pipeline.teacher_checkpoint`` or ``model.pretrained``): evaluated, never trained."""
+        return bool(self.checkpoint) or self.pretrained is not None
+
+    @property
+    def strategy_cls(self) -> type[Strategy]:
+        """The stage's strategy class: the one way the pipeline looks it up (``ce`` for a stage without sources)."""
+        return STRATEGIES.get(self.distill["strategy"])
 
 
 def model_spec(entry: Any) -> dict[str, Any]:
@@ -99,12 +103,30 @@ def with_library_options(model: dict[str, Any], where: str = "model") -> dict[st
     if pretrained is True or (isinstance(pretrained, str) and pretrained.strip()):
         out["pretrained"] = pretrained
     elif pretrained not in (None, False, ""):
-        raise ConfigError(f"{where}.pretrained must be true (the library's weights), a weights file path or "
-                          f"null, got {pretrained!r}")
+        raise ConfigError(f"{where}.pretrained must be true (the library's weights), a weights file path, released "
+                          f"(a zoo teacher's published CIFAR-100 weights) or null, got {pretrained!r}")
     preprocess = preprocess_setting(out.pop("preprocess", None), f"{where}.preprocess")
     if preprocess != "auto":
         out["preprocess"] = preprocess
     return out
+
+
+def with_released_teacher(model: dict[str, Any], cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``model`` with ``pretrained: released`` as the released CIFAR-100 teacher's file of its architecture under
+    ``paths.teachers_dir`` (:mod:`kdlab.models.released`); a released teacher's file named for another
+    architecture is a ConfigError."""
+    from kdlab.models.library import is_library_arch
+    from kdlab.models.released import check_released_file, released_teacher_file
+
+    pretrained = model.get("pretrained")
+    if not isinstance(pretrained, str) or is_library_arch(model.get("arch")):
+        return model
+    arch = str(model["arch"])
+    if pretrained == "released":
+        teachers_dir = (cfg.get("paths") or {}).get("teachers_dir")
+        return {**model, "pretrained": released_teacher_file(arch, teachers_dir, stage)}
+    check_released_file(arch, pretrained, stage)
+    return model
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
@@ -114,156 +136,103 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[st
     return out
 
 
-def member_seed(seed: int, kind: str, k: int) -> int:
-    """The seed of the k-th member (1-based) of an ensemble or a generation chain of run ``seed``.
-
-    ``seed + k`` would make teacher 2 of run 0 teacher 1 of run 1 (shared stages, an understated spread
-    over seeds); a hash of (kind, seed, k) gives every run its own members. Below 2**31, as
-    ``pl.seed_everything`` needs."""
-    return derive_seed("pipeline-member", kind, int(seed), int(k)) % (2**31)
-
-
-def default_names(n: int, topology: str, generations: bool = False) -> list[str]:
-    if n == 1:
-        return ["student"]
-    if topology == "ensemble":
-        return [f"teacher{i + 1}" for i in range(n - 1)] + ["student"]
-    if generations:  # sequential FEED: gen1 (trained from labels), gen2, ..., and the last one, the student
-        return [f"gen{i + 1}" for i in range(n - 1)] + ["student"]
-    return ["teacher"] + [f"ta{i}" for i in range(1, n - 1)] + ["student"]
-
-
-def default_role(name: str, index: int, n: int, topology: str) -> str:
-    if index == n - 1:
-        return "student"
-    if index == 0 or topology == "ensemble":
-        return "teacher"
-    return "pacemaker" if name.startswith("pacemaker") else "ta"
-
-
 def build_stages(cfg: dict[str, Any]) -> list[StageSpec]:
-    """Turn the resolved run config (a plain dict) into the ordered stage specs."""
+    """The resolved run config (a plain dict) turned into the ordered stage specs."""
     p = cfg["pipeline"]
-    topology = str(p.get("topology", "dense"))
-    TOPOLOGIES.get(topology)  # unknown -> ConfigError listing the known ones
-    seed = int(cfg.get("seed", 0))
-    distill = dict(cfg.get("distill") or {})
-    stochastic = dict(distill.pop("stochastic", None) or {"mode": "none"})
-    stochastic_stages = list(stochastic.pop("stages", None) or ["student"])
-    distill.pop("cache", None)
+    nodes = stage_graph(p, int(cfg.get("seed", 0)))
+    overrides = stage_overrides(p, [node.name for node in nodes])
+    specs: list[StageSpec] = []
+    for node in nodes:  # a stage's sources come before it: their architectures are known
+        archs = {s.name: s.arch for s in specs}
+        specs.append(stage_spec(node, cfg, overrides.get(node.name) or {}, [archs[s] for s in node.sources]))
+    return specs
+
+
+def stage_overrides(p: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each stage's own settings: ``pipeline.per_stage.<name>``, a custom stage's inline settings merged over
+    them. A name that is not a stage is an error listing the stages."""
     per_stage = dict(p.get("per_stage") or {})
-    kinds = p.get("pacemakers")  # pipeline=pacemaker picks chain[1] from pacemakers by pipeline.pacemaker
-    if isinstance(kinds, dict) and p.get("pacemaker") is not None and p["pacemaker"] not in kinds:
-        raise ConfigError(f"unknown pipeline.pacemaker {p['pacemaker']!r}; known: {', '.join(sorted(kinds))}")
-
-    if topology == "custom":
-        entries = list(p.get("stages") or [])
-        if not entries:
-            raise ConfigError("pipeline.topology=custom needs pipeline.stages: [{name, model, sources}, ...]")
-        names = [str(e.get("name", "")) for e in entries]
-        models = [model_spec(e.get("model")) for e in entries]
-        sources = [list(e.get("sources") or []) for e in entries]
-        roles = [e.get("role") for e in entries]
-        seeds = [seed + int(e.get("seed_offset", 0)) for e in entries]
-        for e in entries:  # per-stage settings may sit inline in a custom stage
+    if str(p.get("topology", "dense")) == "custom":
+        for e in p.get("stages") or []:
             if e.get("name"):
-                per_stage[e["name"]] = deep_merge(per_stage.get(e["name"], {}),
-                                                  {k: v for k, v in e.items()
-                                                   if k in ("distill", "optimizer", "scheduler", "max_epochs", "augment")})
-    else:
-        chain = list(p.get("chain") or [])
-        k = p.get("ensemble")
-        g = p.get("generations")
-        if k is not None and topology == "ensemble":
-            if not chain:
-                raise ConfigError("pipeline.ensemble needs pipeline.chain=[teacher_arch, student_arch]")
-            if int(k) < 1:
-                raise ConfigError(f"pipeline.ensemble must be >= 1 teachers, got {k}")
-            chain = [chain[0]] * int(k) + [chain[-1]]
-            seeds = [member_seed(seed, "ensemble", i + 1) for i in range(int(k))] + [seed]
-        elif g is not None:
-            if int(g) < 2:
-                raise ConfigError(f"pipeline.generations must be >= 2, got {g}")
-            if not chain:
-                raise ConfigError("pipeline.generations needs pipeline.chain=[arch]")
-            chain = [chain[0]] * int(g)
-            seeds = [member_seed(seed, "generation", i + 1) for i in range(int(g) - 1)] + [seed]
-        else:
-            seeds = [seed] * len(chain)
-        n = len(chain)
-        if topology == "single":
-            if n != 1:
-                raise ConfigError(f"pipeline.topology=single trains one model; got pipeline.chain={chain}")
-        elif n < 2:
-            raise ConfigError(f"pipeline.chain needs at least 2 models (teacher and student) for "
-                              f"topology={topology}, got {chain}")
-        names = [str(x) for x in (p.get("names") or default_names(n, topology, generations=g is not None
-                                                                          and topology != "ensemble"))]
-        if len(names) != n:
-            raise ConfigError(f"pipeline.names has {len(names)} names for a chain of {n} models")
-        models = [model_spec(e) for e in chain]
-        sources = [[names[j] for j in src] for src in TOPOLOGIES.get(topology)(n)]
-        roles = list(p.get("roles") or [None] * n)
-
-    n = len(names)
-    if len(set(names)) != n or any(not x for x in names):
-        raise ConfigError(f"stage names must be unique and non-empty, got {names}")
+                inline = {k: v for k, v in e.items() if k in INLINE_SETTINGS}
+                per_stage[e["name"]] = deep_merge(per_stage.get(e["name"], {}), inline)
     for unknown in sorted(set(per_stage) - set(names)):
         raise ConfigError(f"pipeline.per_stage names unknown stage {unknown!r}; stages: {', '.join(names)}")
-    specs: list[StageSpec] = []
-    seen: set[str] = set()
-    for i, name in enumerate(names):
-        for s in sources[i]:
-            if s not in seen:
-                raise ConfigError(f"stage {name!r} is taught by {s!r}, which is not an earlier stage; "
-                                  f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
-        role = roles[i] or default_role(name, i, n, topology)
-        if role not in ROLES:
-            raise ConfigError(f"unknown stage role {role!r} for stage {name!r}; known: {', '.join(ROLES)}")
-        over = dict(per_stage.get(name) or {})
-        stage_distill = deep_merge(distill, over.get("distill"))
-        stage_stochastic = None
-        if sources[i] and (name in stochastic_stages or role in stochastic_stages):
-            stage_stochastic = deep_merge(stochastic, (over.get("distill") or {}).get("stochastic"))
-            stage_stochastic.pop("stages", None)
-            stage_stochastic = stochastic_config(stage_stochastic, name)  # None for mode none
-        stage_distill.pop("stochastic", None)
-        stage_distill.pop("cache", None)
-        self_taught = getattr(strategy_class(stage_distill), "self_distill", False)  # SPEQ
-        if self_taught and sources[i]:
-            raise ConfigError(f"distill.strategy={stage_distill.get('strategy')} teaches a stage with its own "
-                              f"network, but stage {name!r} has sources ({', '.join(sources[i])}); use "
-                              f"pipeline=single (or a stage without sources)")
-        if not sources[i] and not self_taught:  # a stage without sources learns from labels: ``ce``
-            stage_distill = {**stage_distill, "strategy": "ce"}
-        # the keys its strategy reads and nothing else: what the stage's store key hashes
-        stage_distill = strategy_class(stage_distill).own_config(stage_distill)
-        model = with_quant(deep_merge(models[i], over.get("model")), f"model.quant (stage {name})")
-        model = with_library_options(model, f"model (stage {name})")
-        checkpoint = p.get("teacher_checkpoint") if i == 0 and topology != "custom" else None
-        if model.get("pretrained") is not None:
-            if sources[i]:
-                raise ConfigError(f"stage {name!r}: model.pretrained imports a stage as it is (evaluated, never "
-                                  f"trained), but it has sources ({', '.join(sources[i])}); only a stage without "
-                                  f"sources (a teacher) can be pretrained")
-            if model.get("on_the_fly") or model.get("quant"):
-                raise ConfigError(f"stage {name!r}: model.pretrained imports the weights as they are; on_the_fly "
-                                  f"and model.quant change the model, so they cannot apply to a pretrained stage")
-            if checkpoint:
-                raise ConfigError(f"stage {name!r} has both pipeline.teacher_checkpoint and model.pretrained; "
-                                  f"give one")
-        max_epochs = int(over.get("max_epochs", cfg["trainer"].get("max_epochs", 1)))
-        # optimizer.lr_scaling: the lr for this run's global batch (kdlab/pipeline/lr_scaling.py), hashed as such
-        optimizer, scaling = scaled_optimizer(deep_merge(dict(cfg["optimizer"]), over.get("optimizer")), cfg)
-        specs.append(StageSpec(
-            name=name, role=role, model=model, sources=list(sources[i]), distill=stage_distill,
-            optimizer=optimizer, extra={"lr_scaling": scaling} if scaling else {},
-            scheduler=deep_merge(dict(cfg["scheduler"]), over.get("scheduler")),
-            max_epochs=max_epochs,
-            seed=int(over["seed"]) if over.get("seed") is not None else seeds[i] + int(over.get("seed_offset", 0)),
-            stochastic=stage_stochastic,
-            checkpoint=checkpoint,
-            augment=None if over.get("augment") is None else str(over["augment"]),
-        ))
-        seen.add(name)
-    return specs
+    return per_stage
+
+
+def stage_spec(node: StageNode, cfg: dict[str, Any], over: dict[str, Any],
+               source_archs: list[str] | None = None) -> StageSpec:
+    """One stage's spec: its graph node, the run's settings (``cfg``) and its own (``over``,
+    :func:`stage_overrides`) merged over them; ``source_archs``: the architectures of its sources."""
+    run_distill = cfg.get("distill") or {}
+    stochastic = stage_stochastic(node, run_distill, over.get("distill"))
+    model = with_released_teacher(stage_model(node, over.get("model")), cfg, node.name)
+    distill = stage_distill(node, run_distill, over.get("distill"), str(model["arch"]), list(source_archs or []))
+    # optimizer.lr_scaling: the lr for this run's global batch (kdlab/pipeline/lr_scaling.py), hashed as such
+    optimizer, scaling = scaled_optimizer(deep_merge(dict(cfg["optimizer"]), over.get("optimizer")), cfg)
+    seed = int(over["seed"]) if over.get("seed") is not None else node.seed + int(over.get("seed_offset", 0))
+    return StageSpec(
+        name=node.name, role=node.role, model=model, sources=list(node.sources),
+        distill=distill, optimizer=optimizer, extra={"lr_scaling": scaling} if scaling else {},
+        scheduler=deep_merge(dict(cfg["scheduler"]), over.get("scheduler")),
+        max_epochs=int(over.get("max_epochs", cfg["trainer"].get("max_epochs", 1))), seed=seed,
+        stochastic=stochastic, checkpoint=node.checkpoint,
+        augment=None if over.get("augment") is None else str(over["augment"]),
+    )
+
+
+def stage_distill(node: StageNode, run: dict[str, Any], over: dict[str, Any] | None, arch: str = "",
+                  source_archs: list[str] | None = None) -> dict[str, Any]:
+    """The stage's distill block: the run's ``distill`` with ``per_stage.<name>.distill`` merged over it, reduced to
+    the keys its strategy reads (``own_config``: what its store key hashes), its feature points left null set to
+    the reference layers of the student's (``arch``) and its sources' (``source_archs``) families. A stage without
+    sources learns from labels (``ce``) unless its strategy teaches it with its own network (SPEQ)."""
+    merged = deep_merge({k: v for k, v in run.items() if k not in ("stochastic", "cache")}, over)
+    merged.pop("stochastic", None)  # the stage's stochastic teaching: stage_stochastic
+    merged.pop("cache", None)  # the run's: kdlab/pipeline/source_cache.py
+    # here the stage's distill settings are whole, as given: the place to check them against its strategy
+    cls = strategy_class(merged)
+    self_taught = getattr(cls, "self_distill", False)  # SPEQ
+    if self_taught and node.sources:
+        raise ConfigError(f"distill.strategy={merged.get('strategy')} teaches a stage with its own "
+                          f"network, but stage {node.name!r} has sources ({', '.join(node.sources)}); use "
+                          f"pipeline=single (or a stage without sources)")
+    if not node.sources and not self_taught:  # a stage without sources learns from labels: ``ce``
+        merged, cls = {**merged, "strategy": "ce"}, STRATEGIES.get("ce")
+    if node.sources:  # feature points left null: the reference layers of the student's and sources' families
+        merged = cls.with_model_taps(merged, arch, list(source_archs or []))
+    return cls.own_config(merged)
+
+
+def stage_stochastic(node: StageNode, run: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The stage's stochastic teaching (``distill.stochastic`` with ``per_stage.<name>.distill.stochastic`` merged
+    over it, defaults filled in), or None: every source teaches every batch (no sources, mode ``none``, or a stage
+    that ``distill.stochastic.stages`` does not name by its name or role; default: the student)."""
+    stochastic = dict(run.get("stochastic") or {"mode": "none"})
+    applies = list(stochastic.pop("stages", None) or ["student"])
+    if not node.sources or (node.name not in applies and node.role not in applies):
+        return None
+    merged = deep_merge(stochastic, (over or {}).get("stochastic"))
+    merged.pop("stages", None)
+    return stochastic_config(merged, node.name)
+
+
+def stage_model(node: StageNode, over: dict[str, Any] | None) -> dict[str, Any]:
+    """The stage's model: its graph entry with ``per_stage.<name>.model`` merged over it, checked."""
+    name = node.name
+    model = with_quant(deep_merge(model_spec(node.model), over), f"model.quant (stage {name})")
+    model = with_library_options(model, f"model (stage {name})")
+    if model.get("pretrained") is not None:
+        if node.sources:
+            raise ConfigError(f"stage {name!r}: model.pretrained imports a stage as it is (evaluated, never "
+                              f"trained), but it has sources ({', '.join(node.sources)}); only a stage without "
+                              f"sources (a teacher) can be pretrained")
+        if model.get("on_the_fly") or model.get("quant"):
+            raise ConfigError(f"stage {name!r}: model.pretrained imports the weights as they are; on_the_fly "
+                              f"and model.quant change the model, so they cannot apply to a pretrained stage")
+        if node.checkpoint:
+            raise ConfigError(f"stage {name!r} has both pipeline.teacher_checkpoint and model.pretrained; "
+                              f"give one")
+    return model

@@ -7,6 +7,8 @@ A finished stage lives in ``<store>/<key>/``:
     DONE        the completion marker, written last: JSON with the sha256 of model.pt and meta.json
     work/       Lightning checkpoints while it trains (used to resume after a crash; removed when done)
     cache/      outputs of this stage as a frozen source (logits, features), each with a .sha256 beside it;
+                test.pt (+ test.sha256): its logits and labels on the test split, kept from the test pass that
+                measured its reported test_acc (fidelity and calibration read them instead of running it);
                 with distill.cache=views: <data key>.views.json (the manifest, written last: the logits'
                 codec, shapes, dtypes and sha256 of every array) and <data key>.views.<i>.bin (raw arrays:
                 fp16 logits and features, or top-k values, indices and rest; memory-mapped)
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 STORE_SCHEMA = 1
 ON_CORRUPT = ("retrain", "fail")
 STAGE_FILES = ("model.pt", "meta.json")  # what DONE must vouch for
+TEST_OUTPUTS = "test"  # cache/test.pt: a stage's test-split outputs (a cache: its own checksum, not in DONE)
 
 
 def canonical_json(obj: Any) -> str:
@@ -265,6 +268,17 @@ class StageStore:
             path.unlink(missing_ok=True)
             sums.unlink(missing_ok=True)
         return None
+
+    def load_test_outputs(self, key: str) -> dict[str, Any] | None:
+        """The stage's test-split outputs (``{"logits": (N, K) fp16, "labels": (N,)}``), or None if absent or damaged.
+
+        A cache file beside the stage, not in its DONE marker: the stage's key fixes its data, so one file per
+        stage; one added later (by a run of a newer kdlab, for a stage an older one stored) leaves ``lookup``
+        as it was, and a damaged one is dropped and computed again from the weights."""
+        return self.load_cache(key, TEST_OUTPUTS)
+
+    def save_test_outputs(self, key: str, outputs: dict[str, Any]) -> None:
+        self.save_cache(key, TEST_OUTPUTS, outputs)
 
     def view_manifest(self, key: str, data_key: str) -> Path:
         return self.cache_dir(key) / f"{data_key}.views.json"

@@ -1,6 +1,6 @@
 """Run a results study: ``python -m kdlab.study [NAME] [--docs] [-- OVERRIDE ...]``.
 
-A study (``conf/study/<NAME>.yaml``) is a list of sweeps, each a Hydra multirun of kdlab's own command over
+A study (``studies/<NAME>.yaml``) is a list of sweeps, each a Hydra multirun of kdlab's own command over
 some experiments and seeds, grouped into parts (one results table each):
 
     python -m kdlab -m +experiment=A,B seed=0,1,2 [the sweep's overrides] [the study's] [yours]
@@ -161,7 +161,7 @@ def tables_only(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdlab.study", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", nargs="?", default="fashion_mnist", help="a study in conf/study/ (default fashion_mnist) or the path of a study .yaml")
+    p.add_argument("name", nargs="?", default="fashion_mnist", help="a study in studies/ (default fashion_mnist) or the path of a study .yaml")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's, 0,1,2)")
     p.add_argument("--only", default=None, help="comma-separated parts to run (default: all)")
     p.add_argument("--root", default=None, help="where the sweeps' runs go (default outputs/study/NAME/DATE/TIME)")

@@ -1,4 +1,4 @@
-"""A results study's definition (``conf/study/<NAME>.yaml``, checked) and the commands it runs: each sweep a
+"""A results study's definition (``studies/<NAME>.yaml``, checked) and the commands it runs: each sweep a
 Hydra multirun of kdlab's own command over some experiments and seeds,
 
     python -m kdlab -m +experiment=A,B seed=0,1,2 [the sweep's overrides] [the study's] [yours]
@@ -12,11 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdlab.config_tree import ROOT, conf_path
+from kdlab.config_tree import ROOT, STUDY_DIR, experiment_names
 from kdlab.errors import ConfigError
-
-STUDY_DIR = conf_path("study")
-EXPERIMENT_DIR = conf_path("experiment")
 
 
 def known_studies() -> list[str]:
@@ -31,7 +28,7 @@ def load_study(name: str) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(cfg, dict) or not cfg.get("sweeps"):
         raise ConfigError(f"study {path} has no 'sweeps' list")
-    known = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+    known = experiment_names()
     parts = cfg.setdefault("parts", {})
     for i, sw in enumerate(cfg["sweeps"]):
         if not isinstance(sw, dict) or not sw.get("experiments") or not sw.get("part"):
@@ -72,6 +69,8 @@ def experiment_command(study: dict, sweep: dict, experiment: str, seeds: Sequenc
 
 
 def row_name(args: Sequence[str], experiment: str) -> str:
-    """An experiment's name in the tables: the ``experiment_name=`` a sweep's arguments set, else its own."""
+    """An experiment's name in the tables: the ``experiment_name=`` a sweep's arguments set, else its own, the
+    recipe's file stem (a study's part ``capacity_gap/gap_kd_fashion_mnist`` is ``gap_kd_fashion_mnist``: every
+    recipe's experiment_name is its stem, tests/pipeline/test_recipes.py)."""
     names = [str(a).split("=", 1)[1] for a in args if str(a).startswith("experiment_name=")]
-    return names[-1] if names else experiment
+    return names[-1] if names else experiment.rsplit("/", 1)[-1]

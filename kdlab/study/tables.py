@@ -22,6 +22,11 @@ DATA_FREE_FOOTNOTE = ("† A data-free student (DAFL, `data_free: true`): the nu
                       "epoch** (bold), since choosing an epoch on the real validation split is a use of data; its "
                       "best-on-val column is that choice, shown for comparison only.")
 
+FIDELITY_FOOTNOTE = ("Fidelity and calibration of the student on the test split, at the checkpoint it reports: "
+                     "top-1 agreement with its teacher, KL(p_teacher || p_student) at T = 1 in nats (mean over test "
+                     "images), expected calibration error (15 bins); mean ± std over the seeds, '-' for a student "
+                     "without sources.")
+
 
 def paired_cell(r: dict | None) -> str:
     """One paired comparison in a table cell: mean difference [95 % t interval] (pp), wins/ties/losses, verdict."""
@@ -37,7 +42,8 @@ def paired_cell(r: dict | None) -> str:
 
 def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: str = "",
                   paired: list[dict] | None = None, baseline: str | None = None) -> str:
-    """One part's results table: the student (best-on-val and last epoch), every source stage, the command.
+    """One part's results table: the student (best-on-val and last epoch; its agreement with the teacher, KL to the
+    teacher and ECE where its runs report them), every source stage, the command.
 
     A data-free student's row (DAFL) is marked †: its best-on-val cell is the epoch picked on the real
     validation split (``test_acc_best_val``), its last-epoch cell, the number it reports, is bold."""
@@ -45,7 +51,9 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     # a part with a quantized student shows every student's bit-widths and size in bytes at them
     quantized = any(r.get("student_bits") not in (None, "W32 A32") for r in rows)
     vs_base = {r["group"]: r for r in paired or [] if baseline and r["baseline"] == f"experiment={baseline}"}
+    fidelity = compare_runs.has_fidelity(rows)  # runs of an older kdlab report none
     head = ["experiment", "n", "student best-on-val %", "student last epoch %", "range (pp)",
+            *(["agreement with teacher %", "KL to teacher (nats)", "ECE %"] if fidelity else []),
             *[f"{s} %" for s in sources], *(["student bits", "student size"] if quantized else []),
             *([f"paired Δ vs {baseline} (pp) [95% CI], wins/ties/losses"] if vs_base else []),
             "wall / run", "command"]
@@ -56,12 +64,17 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
     for r in rows:
         exp = str(r["fields"].get("experiment"))
         free = bool(r.get("data_free"))
+        protocol = r.get("protocol", "heldout")  # another protocol than the study's is labelled in its row
         best = compare_tables.pct_pm(r.get("student_test_acc_best_val_mean", r["student_test_acc_mean"]),
                               r.get("student_test_acc_best_val_std", r["student_test_acc_std"]))
         last = compare_tables.pct_pm(r["student_test_acc_last_mean"], r["student_test_acc_last_std"])
-        cells = [exp + (" †" if free else ""), str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
+        cells = [exp + (" †" if free else "") + ("" if protocol == "heldout" else f" [protocol {protocol}: "
+                                                     "best-on-val column = its last epoch]"), str(r["n"]) + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
                  best + (" †" if free else ""), f"**{last}**" if free else last,
                  compare_tables.pct(r["student_test_acc_range"]),
+                 *([compare_tables.pct_pm(r["student_agreement_teacher_mean"], r["student_agreement_teacher_std"]),
+                    compare_tables.nats_pm(r["student_kl_teacher_mean"], r["student_kl_teacher_std"]),
+                    compare_tables.pct_pm(r["student_ece_mean"], r["student_ece_std"])] if fidelity else []),
                  *[compare_tables.pct_pm(r["stages"][s]["mean"], r["stages"][s]["std"]) if s in r["stages"] else "-"
                    for s in sources],
                  *([r.get("student_bits") or "-", compare_tables.fmt_bytes(r.get("student_size_bytes"))] if quantized else []),
@@ -73,9 +86,11 @@ def part_markdown(title: str, rows: list[dict], commands: dict[str, str], note: 
         lines += ["", "Paired: runs of two experiments with the same seed (same data order, same student "
                   "initialisation); Δ = mean difference of the student's best-on-val test accuracy (data-free: last "
                   "epoch), 95 % Student-t interval over the pairs; `better` / `worse` only when the interval "
-                  "excludes 0 (`python -m kdlab.compare --baseline / --pairs`)."
+                  "excludes 0 (`--baseline` and `--pairs` of `python -m kdlab.compare`)."
                   + "".join(f" {r['group'].split('=', 1)[-1]} vs {r['baseline'].split('=', 1)[-1]}: {paired_cell(r)}."
                             for r in others)]
+    if fidelity:
+        lines += ["", FIDELITY_FOOTNOTE]
     if any(r.get("data_free") for r in rows):
         lines += ["", DATA_FREE_FOOTNOTE + " Its generated images (the last grid of each run) are in this part's "
                   "`comparison.html`."]
@@ -153,6 +168,16 @@ def tables(study: dict, record: dict, out: Path, plots: bool,
     return blocks
 
 
+def protocol_label(collected: dict[str, tuple[list[dict], list[dict]]]) -> str:
+    """What the study's numbers are, by its runs' protocols (docs/pipelines.md#protocols)."""
+    protocols = sorted({r.get("protocol", "heldout") for rows, _ in collected.values() for r in rows} or {"heldout"})
+    held = "best-on-val = the epoch chosen on the held-out validation split, never on test"
+    if protocols == ["heldout"]:
+        return f"protocol heldout: {held}"
+    return (f"protocols {', '.join(protocols)} (each row labelled): heldout's {held}; reference's best-on-val column "
+            f"is its last epoch (no validation split)")
+
+
 def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None:
     """The tables of a finished study (``record``) into ``out``, and with --docs into the README."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +209,7 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
               + (f"{m['jobs']} job(s) at a time with {m['threads_per_job']} thread(s) each, " if m.get("jobs") else "")
               + "1-min load "
               f"{m['loadavg_start'][0]} at start), {record['started'][:10]}. Student test accuracy on each "
-              "recipe's test split, mean ± sample std over the seeds; "
-              "best-on-val = the epoch chosen on the held-out validation split, never on test.\n\n")
+              f"recipe's test split, mean ± sample std over the seeds; {protocol_label(collected)}.\n\n")
     (out / "results.md").write_text(header + md, encoding="utf-8")
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out / 'results.md'}, {out / 'study.json'}")

@@ -42,7 +42,7 @@ def _figures(result: dict) -> dict[str, dict]:
     assert not result.get("error"), result.get("error")
     figs = {f["key"]: f for f in result["figures"]}
     for f in figs.values():
-        assert set(f) == {"key", "label", "value", "unit", "target", "ok", "note"}
+        assert set(f) == {"key", "label", "value", "unit", "target", "ok", "note", "any_size"}
     return figs
 
 
@@ -156,6 +156,32 @@ def test_orchestrator_data_benchmark(bench, monkeypatch, tmp_path):
     assert data["batches_agree"] is True and data["images"] == 54000
     assert report["machine"]["cores"] == os.cpu_count()
     assert "b. data path" in out.with_suffix(".md").read_text()
+
+
+def test_quick_judges_only_the_targets_that_hold_at_any_size(bench):
+    common, _ = bench
+    figs = [common.figure("r", "a timing ratio", 0.5, "x", ">= 3", False, "measured"),
+            common.figure("n", "a count", 2, "calls", "== 0", False, any_size=True),
+            common.figure("t", "no target", 1.0)]
+    common.judge(figs, quick=True)
+    assert figs[0]["ok"] is None and figs[0]["note"] == "not judged at --quick size; measured"
+    assert figs[1]["ok"] is False and figs[2]["ok"] is None  # an exact count is judged at any size
+    full = [common.figure("r", "a timing ratio", 0.5, "x", ">= 3", False)]
+    assert common.judge(full, quick=False)[0]["ok"] is False
+
+
+def test_a_subset_or_a_quick_run_never_replaces_the_full_report(bench, monkeypatch, capsys):
+    import run as bench_run
+
+    results = bench_run.HERE / "results"
+    assert bench_run.default_out(quick=False, partial=False) == results / "bench.json"
+    assert bench_run.default_out(quick=False, partial=True) == results / "bench-partial.json"
+    assert bench_run.default_out(quick=True, partial=True) == results / "bench-quick.json"
+    for argv in (["--only", "data", "--docs"], ["--skip", "gpu", "--docs"], ["--quick", "--docs"]):
+        monkeypatch.setattr(sys, "argv", ["run.py", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            bench_run.main()
+        assert exit_info.value.code == 2 and "--docs writes a full run's figures" in capsys.readouterr().err
 
 
 def test_docs_get_the_headline_in_the_readme_and_every_figure_in_the_manual(bench, tmp_path):

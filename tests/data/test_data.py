@@ -248,6 +248,21 @@ def test_val_split_disjoint_sized_and_seeded():
     assert not np.array_equal(a.val_index, c.val_index)
 
 
+def test_val_split_zero_holds_out_nothing():
+    """data.val_split=0 (protocol=reference): every training image trains, in order, and the split is none."""
+    dm = synth(val_split=0)
+    assert (dm.train_size, dm.val_size, dm.test_size) == (200, 0, 50)
+    assert dm.train_index.tolist() == list(range(200)) and dm.val_index.size == 0
+    held = synth(val_split=0.1)
+    every = torch.empty(200, 1, 28, 28, dtype=torch.uint8)
+    every[held.train_index], every[held.val_index] = held.train_images, held.val_images
+    assert torch.equal(dm.train_images, every)  # the same images, none held out
+    assert dm.fingerprint() != held.fingerprint()  # another split: another data identity (store key)
+    assert synth(val_split=0).fingerprint() == dm.fingerprint()
+    with pytest.raises(ConfigError, match=r"data.val_split must be a fraction in \[0, 0.9\]"):
+        synth(val_split=-0.1)
+
+
 def test_subset_and_bad_values():
     dm = synth(subset=100, val_split=0.1, test_subset=20)
     assert (dm.train_size, dm.val_size, dm.test_size) == (90, 10, 20)
@@ -259,7 +274,7 @@ def test_subset_and_bad_values():
     assert torch.equal(dm.val_images, every[dm.val_index])
     with pytest.raises(ConfigError, match="subset=500.*200"):
         synth(subset=500)
-    for bad in (0, 0.0, 0.95, -0.1, 1.0):
+    for bad in (0.95, -0.1, 1.0, "a"):  # 0 is no validation split (test_val_split_zero_holds_out_nothing)
         with pytest.raises(ConfigError, match="val_split"):
             synth(val_split=bad)
     with pytest.raises(ConfigError, match="test_subset=51.*50"):
@@ -396,6 +411,65 @@ def test_lightning_drives_the_loader_epochs():
     trainer.test(Tiny(), datamodule=dm, verbose=False)
     sampler = dm.train_dataloader().sampler
     assert seen == [sampler.order(e).tolist() for e in range(3)]
+
+
+# ---- a stage's view of the data (for_stage) -------------------------------------------------------------------
+
+
+def epoch_batches(dm, epoch=0):
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y))
+                                    for x, y in zip(a, b))
+
+
+def test_a_stage_view_trains_as_a_module_of_its_own_seed_and_augmentation():
+    """Two stages (seeds 5 and 9, the second with crop_flip) each get the batches a data module built with their
+    settings gives, share the loaded tensors, and leave the run's data module (seed 0, no augmentation) as it was."""
+    data = {"name": "synthetic", "n_train": 100, "n_test": 20, "augment": "none"}
+    dm = build_datamodule(data, 16, 0)
+    before, fingerprint = epoch_batches(dm, 1), dm.fingerprint()
+    teacher, student = dm.for_stage(seed=5), dm.for_stage(seed=9, augment="crop_flip")
+    for view, seed, augment in ((teacher, 5, "none"), (student, 9, "crop_flip")):
+        own = build_datamodule({**data, "augment": augment}, 16, seed)  # what the stage's settings alone give
+        assert same_batches(epoch_batches(view, 1), epoch_batches(own, 1))
+        assert view.fingerprint() == own.fingerprint()  # the store key's data: its augmentation's, as before
+        assert view.train_images is dm.train_images and view.normalizer is dm.normalizer  # loaded once, shared
+    assert not same_batches(epoch_batches(teacher, 1), epoch_batches(student, 1))
+    assert teacher.fingerprint() == fingerprint != student.fingerprint()
+    assert (dm.seed, dm.augment, dm.train_views) == (0, "none", False)  # the run's data module is unchanged
+    assert same_batches(epoch_batches(dm, 1), before) and dm.fingerprint() == fingerprint
+    assert dm.for_stage().seed == 0 and dm.for_stage().augment == "none"  # None: the module's own settings
+    with pytest.raises(ConfigError, match="unknown data.augment 'rotate'"):
+        dm.for_stage(augment="rotate")
+
+
+def test_a_stage_view_with_views_reports_them_and_moves_the_shared_tensors():
+    dm = build_datamodule({"name": "synthetic", "n_train": 100, "n_test": 20, "augment": "flip"}, 16, 3)
+    viewed = dm.for_stage(views=True)
+    plain, with_views = epoch_batches(dm), epoch_batches(viewed)
+    assert all(len(b) == 3 for b in plain) and all(len(b) == 4 for b in with_views)  # (x, y, idx[, view])
+    assert same_batches(plain, [b[:3] for b in with_views]) and not dm.train_views
+    viewed.to_device("meta")  # what Lightning's on_fit_start does with the stage's data: the shared splits move
+    assert dm.train_images.device.type == "meta" and dm.for_stage().test_labels.device.type == "meta"
+
+
+def test_an_imagefolder_stage_view_shuffles_and_seeds_its_workers_by_its_seed(tmp_path):
+    write_pngs(tmp_path, "train", {"cat": 6, "dog": 4})
+    write_pngs(tmp_path, "test", {"cat": 2, "dog": 3})
+    cfg = {"name": "imagefolder", "root": str(tmp_path), "image_size": 12, "val_split": 0.2, "num_workers": 0}
+    dm = build_datamodule(cfg, 4, 0)
+    view = dm.for_stage(seed=7, augment="none")
+    loader, own = view.train_dataloader(), build_datamodule({**cfg, "augment": "none"}, 4, 7).train_dataloader()
+    assert (loader.sampler.seed, loader.generator.initial_seed()) == (own.sampler.seed, own.generator.initial_seed())
+    assert loader.sampler.seed == 7 and view.fingerprint() == build_datamodule({**cfg, "augment": "none"}, 4, 7
+                                                                                 ).fingerprint()
+    assert view.train_samples is dm.train_samples and (dm.seed, dm.augment) == (0, "crop_flip")
+    assert dm.train_dataloader().sampler.seed == 0
 
 
 # ---- imagefolder -------------------------------------------------------------------------------------

@@ -248,3 +248,21 @@ def test_imagenet_recipes_compose(recipe):
 
     specs = validate_config(cfg)
     assert specs[-1].optimizer["lr"] == pytest.approx(0.8)  # 0.1 x (256 x 8) / 256
+
+
+def test_val_split_zero_holds_out_nothing_in_every_layout(folder, tmp_path):
+    """train + val (the ImageNet layout): val/ is the test set and nothing of train/ is held out; train + val + test:
+    val/ is not read (there is no validation split)."""
+    dm = build_datamodule(cfg_of(folder, val_split=0), 8, 0)
+    dm.setup()
+    assert (dm.train_size, dm.val_size, dm.test_size) == (160, 0, 32)
+    three = tmp_path / "three"
+    write_jpegs(three, "train", {"a": 6, "b": 6})
+    write_jpegs(three, "val", {"a": 2, "b": 2})
+    write_jpegs(three, "test", {"a": 3, "b": 3})
+    dm = build_datamodule(cfg_of(three, val_split=0), 4, 0)
+    dm.setup()
+    assert (dm.train_size, dm.val_size, dm.test_size) == (12, 0, 6)
+    dm = build_datamodule(cfg_of(three), 4, 0)
+    dm.setup()
+    assert (dm.train_size, dm.val_size, dm.test_size) == (12, 4, 6)  # val/ used as it is

@@ -598,6 +598,7 @@ def _models(pair: str):
 def test_defaults_fit_real_zoo_pairs(name, pair, caplog):
     teacher, student, shape = _models(pair)
     cfg = composed_distill(name)
+    cfg = strategy_class(cfg).with_model_taps(cfg, PAIRS[pair][1], [PAIRS[pair][0]])  # as build_stages does
     s_taps, t_taps = strategy_class(cfg).taps(cfg)
     ctx = StrategyContext("student", ["teacher"], 10, feature_shapes(student, s_taps, shape),
                           {"teacher": feature_shapes(teacher, t_taps, shape)}, num_train=64, max_epochs=2)
@@ -606,6 +607,18 @@ def test_defaults_fit_real_zoo_pairs(name, pair, caplog):
     assert (strat.student_taps(), strat.source_taps()) == (s_taps, t_taps)
     if name == "crd":
         assert strat.nce_k == 63 and "nce_k" in caplog.text  # 16384 clamped to the 63 other samples
+    if name == "reviewkd" and pair == "resnet32x4->resnet8x4":
+        # mdistiller's ReviewKD for this pair (engine/cfg.py REVIEWKD: IN_CHANNELS = OUT_CHANNELS = [64, 128, 256,
+        # 256], SHAPES = OUT_SHAPES = [1, 8, 16, 32], mid min(512, 256)): feats[1:] + pooled of the student against
+        # the teacher's preact_feats[1:] + pooled
+        assert (s_taps, t_taps) == (["stage1", "stage2", "stage3", "embedding"],
+                                    ["preact1", "preact2", "preact3", "embedding"])
+        fusion = strat.fusions["teacher"]
+        assert [abf.conv1[0].in_channels for abf in fusion.abfs] == [64, 128, 256, 256]
+        assert [abf.conv2[0].out_channels for abf in fusion.abfs] == [64, 128, 256, 256]
+        assert fusion.out_sizes == [(32, 32), (16, 16), (8, 8), (1, 1)] and fusion.mid_channels == 256
+    elif name == "reviewkd":  # a family without reference layers: the fallback, three post-activation levels
+        assert (s_taps, t_taps) == (["stage1", "stage2", "prepool"], ["stage1", "stage2", "prepool"])
     x, y = torch.randn(4, *shape), torch.tensor([3, 5, 1, 0])
     with torch.no_grad(), FeatureTaps(teacher, t_taps) as t_hooks:
         src = SourceOutput(teacher(x), dict(t_hooks.features))

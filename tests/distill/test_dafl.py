@@ -121,6 +121,10 @@ def lenet_params_by_hand(widths, in_ch=1, classes=10):
 def test_lenet_pair():
     assert count_params(build_model("lenet5", 10, 1, input_size=28)) == lenet_params_by_hand((6, 16, 120, 84))
     assert count_params(build_model("lenet5_half", 10, 1, input_size=28)) == lenet_params_by_hand((3, 8, 60, 42))
+    # ZSKD's LeNet-5-Half (Lopes et al. 2017): half convolutions, full FC widths; the paper's parameter counts
+    assert count_params(build_model("lenet5_half_conv", 10, 1, input_size=28)) == lenet_params_by_hand((3, 8, 120, 84))
+    assert [count_params(build_model(a, 10, 1, input_size=28)) for a in ("lenet5", "lenet5_half_conv")] == \
+        [61_706, 35_820]
     for size in (28, 32):  # the 120-channel map (DAFL's feature) is 1x1 for both sizes
         m = build_model("lenet5", 10, 1, input_size=size)
         assert feature_shapes(m, ["stage3"], (1, size, size))["stage3"] == (120, 1, 1)

@@ -66,23 +66,25 @@ def hand_fitnet(reg: nn.Sequential, f_s, f_t, relu: bool) -> float:
     return float(((out - t) ** 2).sum() / t.size)
 
 
-def hand_attention(f: np.ndarray, p: float) -> np.ndarray:
+def hand_attention(f: np.ndarray, p: float, absolute: bool = False) -> np.ndarray:
+    """mean_c F^p (the references' ``feat.pow(p)``; ``absolute``: |F|^p) per position, L2-normalized."""
     b, c, h, w = f.shape
     q = np.zeros((b, h * w))
     for i in range(b):
         for y in range(h):
             for x in range(w):
-                q[i, y * w + x] = sum(abs(f[i, ch, y, x]) ** p for ch in range(c)) / c
+                q[i, y * w + x] = sum((abs(f[i, ch, y, x]) if absolute else f[i, ch, y, x]) ** p
+                                      for ch in range(c)) / c
         q[i] /= np.sqrt((q[i] ** 2).sum())
     return q
 
 
-def hand_at(pairs: list[tuple[np.ndarray, np.ndarray]], p: float) -> float:
+def hand_at(pairs: list[tuple[np.ndarray, np.ndarray]], p: float, absolute: bool = False) -> float:
     total = 0.0
     for fs, ft in pairs:
         size = (min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3]))
         fs, ft = hand_pool(fs, size), hand_pool(ft, size)
-        qs, qt = hand_attention(fs, p), hand_attention(ft, p)
+        qs, qt = hand_attention(fs, p, absolute), hand_attention(ft, p, absolute)
         total += ((qs - qt) ** 2).sum() / qs.size  # mean over batch and positions
     return total
 
@@ -167,14 +169,81 @@ def test_fitnet_loss_against_hand_computation(kernel_size, relu, t_hw):
     assert terms["ce"].item() == pytest.approx(hand_ce(logits, y), rel=1e-5)
 
 
+def hand_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    """A convolution with bias by loops over the kernel offsets (any kernel, stride and zero padding)."""
+    n_, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.zeros((n_, c, h + 2 * pad, wd + 2 * pad))
+    xp[:, :, pad:pad + h, pad:pad + wd] = x
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n_, o, oh, ow)) + b.reshape(1, -1, 1, 1)
+    for dy in range(kh):
+        for dx in range(kw):
+            patch = xp[:, :, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
+            out += np.einsum("oc,bchw->bohw", w[:, :, dy, dx], patch)
+    return out
+
+
+def hand_conv_transpose2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    """A transposed convolution (weight (in, out, k, k)): every input pixel scatters its kernel, then the border
+    ``pad`` is cut."""
+    n_, _, h, wd = x.shape
+    _, o, k, _ = w.shape
+    full = np.zeros((n_, o, (h - 1) * stride + k, (wd - 1) * stride + k))
+    for i in range(h):
+        for j in range(wd):
+            full[:, :, i * stride:i * stride + k, j * stride:j * stride + k] += np.einsum("bc,cokl->bokl", x[:, :, i, j], w)
+    return full[:, :, pad:full.shape[2] - pad, pad:full.shape[3] - pad] + b.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("s_hw,t_hw,kind", [(6, 6, "1x1"), (8, 4, "3x3 stride 2"), (4, 8, "4x4 transposed"),
+                                            (6, 4, "3x3 valid")])
+@pytest.mark.parametrize("relu", [True, False])
+def test_fitnet_conv_reg_against_hand_computation(s_hw, t_hw, kind, relu):
+    """kernel_size auto (the default) is mdistiller's / RepDistiller's ConvReg: the conv chosen by the sizes (student
+    twice the source: 3x3 stride 2, pad 1; half: 4x4 transposed stride 2, pad 1; else (1 + H_s - H_t)^2 valid),
+    with bias, then BN (batch statistics) and the ReLU."""
+    torch.manual_seed(3)
+    strat = make("fitnet", {"stage2": (3, s_hw, s_hw)}, {"t": {"stage2": (4, t_hw, t_hw)}}, relu=relu)
+    reg = strat.regressors["t"]
+    conv = reg.conv
+    expected_conv = {"1x1": ((1, 1), (1, 1), (0, 0)), "3x3 stride 2": ((3, 3), (2, 2), (1, 1)),
+                     "4x4 transposed": ((4, 4), (2, 2), (1, 1)), "3x3 valid": ((3, 3), (1, 1), (0, 0))}[kind]
+    assert (conv.kernel_size, conv.stride, conv.padding) == expected_conv and conv.bias is not None
+    assert isinstance(conv, nn.ConvTranspose2d) == (kind == "4x4 transposed")
+    assert isinstance(reg.relu, nn.ReLU if relu else nn.Identity)
+    with torch.no_grad():
+        reg.bn.weight.uniform_(0.5, 1.5)
+        reg.bn.bias.uniform_(-0.5, 0.5)
+        conv.bias.uniform_(-0.5, 0.5)
+    f_s, f_t = torch.randn(4, 3, s_hw, s_hw), torch.randn(4, 4, t_hw, t_hw)
+    terms, _ = run(strat, {"stage2": f_s}, {"t": {"stage2": f_t}})
+    if kind == "4x4 transposed":
+        out = hand_conv_transpose2d(n(f_s), n(conv.weight), n(conv.bias), 2, 1)
+    else:
+        out = hand_conv2d(n(f_s), n(conv.weight), n(conv.bias), conv.stride[0], conv.padding[0])
+    out = hand_bn_train(out, n(reg.bn.weight), n(reg.bn.bias))
+    out = np.maximum(out, 0.0) if relu else out
+    assert out.shape == tuple(f_t.shape)
+    assert terms["fitnet"].item() == pytest.approx(float(((out - n(f_t)) ** 2).mean()), rel=1e-5)
+
+
+def test_fitnet_conv_reg_without_a_reference_case_is_1x1_then_bilinear():
+    """A student map smaller than the source's, not by half (ConvReg raises there): a 1x1 conv, then the size."""
+    strat = make("fitnet", {"stage2": (3, 3, 3)}, {"t": {"stage2": (4, 8, 8)}})
+    assert strat.regressors["t"].conv.kernel_size == (1, 1)
+    terms, _ = run(strat, {"stage2": torch.randn(2, 3, 3, 3)}, {"t": {"stage2": torch.randn(2, 4, 8, 8)}})
+    assert torch.isfinite(terms["fitnet"])
+
+
 def test_fitnet_regressors_per_source_train_and_are_counted():
     strat = make("fitnet", {"stage2": (16, 7, 7)}, {"a": {"stage2": (64, 7, 7)}, "b": {"stage2": (32, 14, 14)}},
-                 kernel_size=3)
+                 kernel_size=3, relu=False)
     assert list(strat.regressors) == ["a", "b"]
     for name, c_t in (("a", 64), ("b", 32)):
         conv, bn = strat.regressors[name][0], strat.regressors[name][1]
         assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (16, c_t, (3, 3), (1, 1))
-        assert isinstance(bn, nn.BatchNorm2d) and len(strat.regressors[name]) == 2  # relu: false by default
+        assert isinstance(bn, nn.BatchNorm2d) and len(strat.regressors[name]) == 2  # relu: false
     assert strat.extra_parameters() == sum(16 * c * 9 + 2 * c for c in (64, 32))
     # the regressors get gradients; the teacher's features are constants
     f_s = torch.randn(3, 16, 7, 7, requires_grad=True)
@@ -183,8 +252,9 @@ def test_fitnet_regressors_per_source_train_and_are_counted():
     sum(weights[k] * v for k, v in terms.items()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in strat.regressors.parameters())
     assert f_s.grad is not None
-    one = make("fitnet", {"stage2": (16, 7, 7)}, {"a": {"stage2": (64, 7, 7)}})
-    assert one.extra_parameters() == 16 * 64 + 2 * 64
+    one = make("fitnet", {"stage2": (16, 7, 7)}, {"a": {"stage2": (64, 7, 7)}})  # mdistiller's ConvReg: 1x1 + bias
+    assert one.extra_parameters() == 16 * 64 + 64 + 2 * 64
+    assert isinstance(one.regressors["a"].relu, nn.ReLU)  # relu: true by default, as mdistiller
 
 
 def test_fitnet_needs_maps_and_known_shapes():
@@ -196,19 +266,35 @@ def test_fitnet_needs_maps_and_known_shapes():
 
 
 # -- AT -------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("p", [2.0, 3.0])
-def test_at_loss_against_hand_computation(p):
-    """Three layers: equal sizes; student larger (pooled 8 -> 4); source larger (pooled 4 -> 2)."""
+@pytest.mark.parametrize("p,absolute", [(2.0, False), (3.0, False), (3.0, True), (2.5, True), (1, False)])
+def test_at_loss_against_hand_computation(p, absolute):
+    """Three layers: equal sizes; student larger (pooled 8 -> 4); source larger (pooled 4 -> 2). Signed maps, so
+    an odd p tells F^p (the references, ``abs: false``) from |F|^p (``abs: true``)."""
     torch.manual_seed(1)
     s_shapes = {"stage1": (3, 4, 4), "stage2": (5, 8, 8), "prepool": (2, 2, 2)}
     t_shapes = {"stage1": (6, 4, 4), "stage2": (4, 4, 4), "prepool": (3, 4, 4)}
-    strat = make("at", s_shapes, {"t": t_shapes}, p=p, feat_weight=10.0)
+    strat = make("at", s_shapes, {"t": t_shapes}, p=p, abs=absolute, feat_weight=10.0,
+                 student_taps=list(s_shapes), source_taps=list(t_shapes))
     f_s = {k: torch.randn(3, *s) for k, s in s_shapes.items()}
     f_t = {k: torch.randn(3, *s) for k, s in t_shapes.items()}
     terms, weights = run(strat, f_s, {"t": f_t})
-    expected = hand_at([(n(f_s[k]), n(f_t[k])) for k in ("stage1", "stage2", "prepool")], p)
+    expected = hand_at([(n(f_s[k]), n(f_t[k])) for k in ("stage1", "stage2", "prepool")], p, absolute)
     assert weights["at"] == 10.0 and weights["ce"] == 1.0
     assert terms["at"].item() == pytest.approx(expected, rel=1e-5)
+    if p == 3.0:  # the two forms differ on signed maps for an odd p
+        other = hand_at([(n(f_s[k]), n(f_t[k])) for k in ("stage1", "stage2", "prepool")], p, not absolute)
+        assert abs(other - expected) > 1e-3 * expected
+
+
+def test_at_abs_is_hashed_only_where_it_can_change_the_loss():
+    own = AttentionTransfer.own_config
+    assert "abs" not in own(cfg_of("at"))["at"] and "abs" not in own(cfg_of("at", p=4, abs=True))["at"]
+    assert own(cfg_of("at", p=2, abs=True)) == own(cfg_of("at", p=2))  # F^2 = |F|^2: the same stage
+    assert own(cfg_of("at", p=3))["at"]["abs"] is False and own(cfg_of("at", p=3, abs=True))["at"]["abs"] is True
+    assert own(cfg_of("at", p=2.5, abs=True))["at"]["abs"] is True
+    with pytest.raises(ConfigError, match=r"distill.at.p=2.5 is not an integer: F\^p of a negative value is "
+                                          r"undefined; set distill.at.abs=true"):
+        AttentionTransfer.check(cfg_of("at", p=2.5))
 
 
 def test_at_pairs_taps_by_position():
@@ -366,7 +452,7 @@ def test_label_smoothing_and_ce_weight(name):
 
 BAD = [
     ("fitnet", {"feat_weight": -1.0}, "distill.fitnet.feat_weight must be a number >= 0, got -1.0"),
-    ("fitnet", {"kernel_size": 2}, "distill.fitnet.kernel_size must be 1 or 3, got 2"),
+    ("fitnet", {"kernel_size": 2}, r"distill.fitnet.kernel_size must be auto \(mdistiller's ConvReg\), 1 or 3, got 2"),
     ("fitnet", {"relu": "yes"}, "distill.fitnet.relu must be true or false, got 'yes'"),
     ("fitnet", {"student_tap": ""}, "distill.fitnet.student_tap must be a feature point name"),
     ("at", {"p": 0}, "distill.at.p must be a number > 0, got 0"),
@@ -410,8 +496,9 @@ def test_own_config_hashes_exactly_the_declared_keys(name):
     cls = strategy_class(cfg_of(name))
     own = cls.own_config(cfg_of(name))
     assert set(own) == {"strategy", "label_smoothing", name}
-    assert set(own[name]) == set(cls.options[name]) == set(composed_distill(name)[name])  # YAML == declared defaults
-    assert own[name] == cls.options[name]
+    assert set(composed_distill(name)[name]) == set(cls.options[name])  # YAML == declared defaults
+    hashed = {k: v for k, v in cls.options[name].items() if not (name == "at" and k == "abs")}  # at p=2: F^2=|F|^2
+    assert own[name] == hashed
     hot = cfg_of(name)
     hot["temperature"] = 9.0  # a logit-KD key it never reads
     assert cls.own_config(hot) == own
@@ -454,7 +541,7 @@ def test_defaults_fit_real_zoo_pairs(name, pair):
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     if name == "fitnet":
         c_s, c_t = ctx.student_feature_shapes["stage2"][0], ctx.source_feature_shapes["teacher"]["stage2"][0]
-        assert strat.extra_parameters() == c_s * c_t + 2 * c_t
+        assert strat.extra_parameters() == c_s * c_t + c_t + 2 * c_t  # equal sizes: ConvReg's 1x1 conv with bias
         assert all(p.grad is not None for p in strat.regressors.parameters())
     else:
         assert strat.extra_parameters() == 0
@@ -466,3 +553,42 @@ def test_strategy_is_registered_under_its_name():
         assert cls.name == name and cls.options["label_smoothing"] == 0.0
         assert cls.options[name]["combine"] == "mean"
     assert FitNet.taps(cfg_of("fitnet", student_tap="stage1", source_tap="stage3")) == (["stage1"], ["stage3"])
+
+
+# -- taps left null: the families' reference layers, resolved per stage ------------------------------------------
+@pytest.mark.parametrize("method,chain,student,source", [
+    ("at", "[wrn_40_2,wrn_16_2]", ["stage1", "stage2", "stage3"], ["stage1", "stage2", "stage3"]),
+    ("at", "[vgg13,vgg8]", ["stage2", "stage3", "stage4", "stage5"], ["stage2", "stage3", "stage4", "stage5"]),
+    ("at", "[resnet32x4,shufflev2]", ["stage1", "stage2", "stage3"], ["stage1", "stage2", "prepool"]),
+    ("sp", "[wrn_40_2,wrn_16_2]", "stage3", "stage3"),
+    ("sp", "[vgg13,mobilenetv2]", "stage4", "prepool"),
+    ("fitnet", "[vgg13,vgg8]", "stage3", "stage3"),
+    ("fitnet", "[resnet32x4,resnet8x4]", "stage2", "stage2"),
+    ("reviewkd", "[resnet56,resnet20]", ["stage1", "stage2", "stage3", "embedding"],
+     ["preact1", "preact2", "preact3", "embedding"]),
+    ("at", "[plain10,plain2]", ["stage1", "stage2", "prepool"], ["stage1", "stage2", "prepool"]),  # no row
+])
+def test_null_taps_resolve_per_stage_to_the_families_layers(method, chain, student, source):
+    from kdlab.pipeline.spec import build_stages
+    from tests.helpers.config import compose_config
+
+    cfg = compose_config(f"+experiment={method}_cifar100", f"pipeline.chain={chain}")
+    assert cfg["distill"][method][strategy_class(cfg["distill"]).tap_keys[0]] is None  # the YAML leaves them null
+    stage = build_stages(cfg)[-1]
+    s_key, t_key = strategy_class(stage.distill).tap_keys
+    assert (stage.distill[method][s_key], stage.distill[method][t_key]) == (student, source)
+
+
+def test_set_taps_are_kept_and_sources_must_agree():
+    from kdlab.pipeline.spec import build_stages
+    from tests.helpers.config import compose_config
+
+    cfg = compose_config("+experiment=at_cifar100", "pipeline.chain=[wrn_40_2,wrn_16_2]",
+                         "distill.at.student_taps=[stage2,stage3]")
+    stage = build_stages(cfg)[-1]
+    assert stage.distill["at"]["student_taps"] == ["stage2", "stage3"]  # set: kept
+    assert stage.distill["at"]["source_taps"] == ["stage1", "stage2", "stage3"]  # null: the family's (not cut)
+    cfg = compose_config("distill=sp", "pipeline=dense", "pipeline.chain=[wrn_16_2,vgg8,resnet8]", "data=cifar100")
+    with pytest.raises(ConfigError, match=r"distill.sp.source_tap is not set and the sources' reference layers "
+                                          r"differ \(wrn_16_2: stage3; vgg8: prepool\); set distill.sp.source_tap"):
+        build_stages(cfg)

@@ -25,7 +25,7 @@ from kdlab.models import FeatureTaps, build_model, count_params, feature_shapes,
 from kdlab.modules import DistillModule, SourceBank
 from kdlab.pipeline import build_stages
 from kdlab.pipeline.checks import validate_config
-from kdlab.pipeline.spec import member_seed
+from kdlab.pipeline.topology import member_seed
 from kdlab.pipeline.train import _state_from_lightning
 from kdlab.store.fileio import load_weights
 from tests.helpers.cli import read_results, run_kdlab, trained
@@ -72,17 +72,28 @@ def hand_kd(zs: torch.Tensor, zt: torch.Tensor, T: float) -> torch.Tensor:
     return T * T * (pt * (pt.log() - ps.log())).sum() / zs.shape[0]
 
 
-def test_translators_three_3x3_convs_with_leaky_relu_per_teacher():
-    strat = make_feed((16, 7, 7), {"teacher1": (32, 7, 7), "teacher2": (64, 4, 4)})
+# the widths of the translator's convolutions (in, out) for a student map of c_in and a source map of c_out
+# channels: Factor Transfer's Translator (Models/FeatureProjection.py: conv0 in->in, conv1 in->planes, conv2
+# planes->planes) and kdlab's earlier one (in->out, then out->out twice)
+WIDTHS = {"factor_transfer": lambda i, o: [(i, i), (i, o), (o, o)],
+          "project_first": lambda i, o: [(i, o), (o, o), (o, o)]}
+
+
+@pytest.mark.parametrize("kind", ["factor_transfer", "project_first", None])
+def test_translators_three_3x3_convs_with_leaky_relu_per_teacher(kind):
+    block = {} if kind is None else {"translator": kind}
+    strat = make_feed((16, 7, 7), {"teacher1": (32, 7, 7), "teacher2": (64, 4, 4)}, **block)
+    widths = WIDTHS[kind or "factor_transfer"]  # the default is Factor Transfer's
     assert list(strat.translators) == ["teacher1", "teacher2"]
     for name, c_out in (("teacher1", 32), ("teacher2", 64)):
         tr = strat.translators[name]
         assert isinstance(tr, Translator) and len(tr) == 6
         convs, acts = list(tr)[0::2], list(tr)[1::2]
-        assert [(c.in_channels, c.out_channels) for c in convs] == [(16, c_out), (c_out, c_out), (c_out, c_out)]
+        assert [(c.in_channels, c.out_channels) for c in convs] == widths(16, c_out)
         assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
+        assert all(c.bias is not None for c in convs)  # as Factor Transfer's (bias=True)
         assert all(isinstance(a, nn.LeakyReLU) and a.negative_slope == 0.1 for a in acts)
-    by_hand = sum(16 * c * 9 + c + 2 * (c * c * 9 + c) for c in (32, 64))
+    by_hand = sum(ci * co * 9 + co for c in (32, 64) for ci, co in widths(16, c))
     assert strat.extra_parameters() == by_hand == sum(p.numel() for p in strat.translators.parameters())
     assert (strat.student_taps(), strat.source_taps()) == (["prepool"], ["prepool"])
     assert FEED.taps(feed_cfg(student_tap="stage2", source_tap="stage3")) == (["stage2"], ["stage3"])
@@ -155,6 +166,9 @@ def test_bad_feed_settings_are_config_errors():
         make_feed((4, 4, 4), {"t": (4, 4, 4)}, beta=-1.0)
     with pytest.raises(ConfigError, match="FEED needs 4-d feature maps"):
         make_feed((64,), {"t": (4, 4, 4)})  # e.g. the `embedding` point: a vector, not a map
+    with pytest.raises(ConfigError, match="unknown distill.feed.translator 'wide'; known: factor_transfer, "
+                                          "project_first"):
+        make_feed((4, 4, 4), {"t": (4, 4, 4)}, translator="wide")
 
 
 # -- real zoo models --------------------------------------------------------------------------------------------

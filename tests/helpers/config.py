@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ class _DataStub:
     """What stage_description needs from a datamodule; the fingerprint stands for the data config."""
 
     num_classes, in_channels, image_size = 10, 1, 28
+    train_views = False
 
     def __init__(self, data_cfg: dict):
         self._cfg = {k: v for k, v in data_cfg.items() if k != "batch_size"}
@@ -45,16 +45,13 @@ class _DataStub:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self._cfg, sort_keys=True).encode()).hexdigest()[:16]
 
-    @contextmanager
-    def stage_augment(self, augment):
-        """A stage's own augmentation (pipeline.per_stage.<stage>.augment): another data fingerprint."""
-        saved = dict(self._cfg)
+    def for_stage(self, seed=None, augment=None, views=False) -> _DataStub:
+        """A stage's view (pipeline.per_stage.<stage>.augment: another data fingerprint); this stub unchanged."""
+        stage = _DataStub(self._cfg)
         if augment is not None:
-            self._cfg["augment"] = augment
-        try:
-            yield self
-        finally:
-            self._cfg = saved
+            stage._cfg["augment"] = augment
+        stage.train_views = bool(views)
+        return stage
 
 
 def stage_keys(cfg: dict) -> dict[str, str]:

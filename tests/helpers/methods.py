@@ -1,10 +1,16 @@
-"""Helpers shared by the method tests (tests/distill/test_*_methods.py): the composed config of a method, with some
+"""Helpers shared by the method tests (tests/distill/test_*.py): the composed config of a method, with some
 options of its block changed; tensors as float64 numpy arrays; naive cross-entropy and convolution; the
-weighted total of a strategy's loss terms; a batch that no source teaches; and the check of a block option
-that must be rejected."""
+weighted total of a strategy's loss terms; a batch that no source teaches; the check of a block option
+that must be rejected; which strategies learn from sources; the lists of methods that the docs
+(docs/methods/hooks.py) and the benchmark (benchmarks/bench_methods.py) make."""
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,6 +18,37 @@ import torch
 
 from kdlab.errors import ConfigError
 from tests.helpers.config import compose_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def learns_from_sources(cls) -> bool:
+    """A strategy that teaches a stage from its sources on any topology: not labels only (``ce``), not data-free
+    (DAFL: ``pipeline=data_free``), not self-distilling (SPEQ: a stage without sources)."""
+    return bool(cls.uses_sources) and not cls.data_free and not getattr(cls, "self_distill", False)
+
+
+def labels_only(cls) -> bool:
+    """The cross-entropy with the labels (``ce``, ``distill=none``): no sources, no page of its own."""
+    return not cls.uses_sources and not getattr(cls, "self_distill", False)
+
+
+def docs_hooks(root: Path = ROOT) -> ModuleType:
+    """``docs/methods/hooks.py`` (the MkDocs hooks that list the methods), loaded from ``root``."""
+    spec = importlib.util.spec_from_file_location("kdlab_docs_hooks", root / "docs" / "methods" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_methods(root: Path = ROOT) -> ModuleType:
+    """``benchmarks/bench_methods.py`` (it imports its sibling ``common``)."""
+    bench = str(root / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module("bench_methods")
+    finally:
+        sys.path.remove(bench)
 
 
 @functools.cache

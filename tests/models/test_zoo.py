@@ -198,14 +198,18 @@ def test_taps_every_model(name, in_ch, size):
 
 # The classifier end and the feature points are written once (ZooModel.add_pooled_head / point_map); stored
 # stages are keyed and loaded (strict) by these names, so they are pinned here per family.
-FAMILY_POINTS = {
-    "resnet8": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)}},
-    "wrn_16_2": {"stem": "conv1", **{f"stage{i}": f"block{i}" for i in (1, 2, 3)}},
-    "shufflev1": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)}},
-    "shufflev2": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)}},
+FAMILY_POINTS = {  # preact<i>: stage i before its last ReLU (tests/models/test_reference_taps.py checks the tensors)
+    "resnet8": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)},
+                **{f"preact{i}": f"layer{i}.0.preact" for i in (1, 2, 3)}},
+    "wrn_16_2": {"stem": "conv1", **{f"stage{i}": f"block{i}" for i in (1, 2, 3)},
+                 "preact1": "block2.0.bn1", "preact2": "block3.0.bn1", "preact3": "bn1"},
+    "shufflev1": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)},
+                  "preact1": "layer1.3.preact", "preact2": "layer2.7.preact", "preact3": "layer3.3.preact"},
+    "shufflev2": {"stem": "relu", **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)},
+                  "preact1": "layer1.3.preact", "preact2": "layer2.7.preact", "preact3": "layer3.3.preact"},
     "mobilenetv2": {"stem": "conv1", "stage1": "blocks.1", "stage2": "blocks.2", "stage3": "blocks.4",
                     "stage4": "blocks.6"},
-    "vgg8": {f"stage{i + 1}": f"block{i}" for i in range(5)},
+    "vgg8": {**{f"stage{i + 1}": f"block{i}" for i in range(5)}, **{f"preact{i + 1}": f"block{i}.1" for i in range(5)}},
     "plain2": {"stage1": "features.stage1", "stage2": "features.stage2", "prepool": "features.prepool"},
     "plain8": {**{f"stage{i}": f"features.stage{i}" for i in (1, 2, 3, 4)}, "prepool": "features.prepool",
                "embedding": "head"},

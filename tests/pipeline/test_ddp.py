@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from kdlab.store import StageStore
 from tests.helpers.cli import read_results, run_kdlab, trained
@@ -59,7 +60,16 @@ def test_ddp_two_cpu_processes_run_a_three_stage_pipeline(tmp_path):
     for d in dirs:
         assert sorted(p.name for p in d.iterdir() if p.name != "cache") == ["DONE", "meta.json", "model.pt"]
         assert check.lookup(d.name) is not None
+        # its test-split outputs, gathered from both ranks' shards by its test pass: no stage ran again for them
+        assert sorted(p.name for p in (d / "cache").glob("test.*")) == ["test.pt", "test.sha256"]
     assert not list(store.rglob("*.tmp-*"))
+    assert "computing them once" not in r.stdout + r.stderr
+    student = res["stages"][-1]
+    assert set(student["agreement"]) == {"teacher", "ta1"} and all(0.0 <= s["ece"] <= 1.0 for s in res["stages"])
+    # the stored outputs measured the reported test_acc (every test image, once)
+    outs = torch.load(store / student["store_key"] / "cache" / "test.pt", weights_only=True)
+    acc = float((outs["logits"].float().argmax(1) == outs["labels"]).double().mean())
+    assert abs(acc - student["test_acc"]) <= 1 / len(outs["labels"]) + 1e-6
 
     # one W&B run per stage (offline), from rank 0 only
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))

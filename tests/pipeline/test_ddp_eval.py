@@ -188,6 +188,13 @@ def _rank_main(rank: int, port: int, root: str, out: str) -> None:
     # after fit every rank holds the same weights: the accuracy of one process on the same 7 samples
     res["acc"] = {split: _single_process_acc(module, dm, split) for split in ("val", "test")}
     res["test"] = _trainer().test(module, datamodule=dm, verbose=False)[0]
+    # the test pass's outputs (kdlab/modules/fidelity.py::split_outputs): every rank holds the whole split in order
+    held = [None, None]
+    torch.distributed.all_gather_object(held, {k: v.float().tolist() for k, v in module.test_outputs.items()})
+    module.eval()
+    with torch.no_grad():
+        single = module.model(dm.normalizer(dm.test_images))
+    res["test_outputs"] = {"ranks": held, "logits": single.tolist(), "labels": dm.test_labels.tolist()}
     res["validate"] = _trainer().validate(module, datamodule=dm, verbose=False)[0]
 
     padded = PaddedEvalSynthetic(resolve_data_cfg(SYNTH, DATASETS.names()), batch_size=4, seed=0)
@@ -264,3 +271,11 @@ def test_ddp_imagefolder_eval_counts_every_sample_once(ddp_results):
     assert ddp_results["imagefolder_size"] == N
     res = ddp_results["imagefolder_test"]
     assert (res["test/n"], res["test/ids"]) == (N, 2**N - 1), res
+
+
+def test_ddp_test_outputs_hold_the_whole_split_in_order_on_every_rank(ddp_results):
+    got = ddp_results["test_outputs"]
+    want = torch.tensor(got["logits"]).half().float()  # kept in fp16
+    for rank in got["ranks"]:
+        assert len(rank["logits"]) == N and rank["labels"] == [float(y) for y in got["labels"]]
+        torch.testing.assert_close(torch.tensor(rank["logits"]), want, rtol=1e-3, atol=1e-3)

@@ -1,7 +1,8 @@
 """Every recipe in conf/experiment/ composes, validates and builds its stages (no data, nothing trained).
 
-The test enumerates the directory, so a new ``conf/experiment/<name>.yaml`` is covered without editing this
-file. For each recipe: ``+experiment=<name>`` composes and resolves as the CLI composes it,
+The test enumerates the directory (and a study's folder of parts, ``conf/experiment/<study>/``), so a new
+``conf/experiment/<name>.yaml`` is covered without editing this file. For each recipe: ``+experiment=<name>``
+composes and resolves as the CLI composes it,
 ``kdlab.pipeline.checks.validate_config`` accepts it (everything checkable without data), and the stage list is
 well-formed: registered zoo models, sources that are earlier stages, the student last (unless the recipe
 has one stage), and the data set the file name promises (``*_fashion_mnist`` -> fashion_mnist,
@@ -13,12 +14,12 @@ import re
 
 import pytest
 
+from kdlab.config_tree import experiment_names
 from kdlab.models import list_models
 from kdlab.pipeline import build_stages
 from kdlab.pipeline.checks import validate_config
-from tests.helpers.cli import ROOT
 
-RECIPES = sorted((ROOT / "conf" / "experiment").glob("*.yaml"))
+RECIPES = experiment_names()
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic")
 
 
@@ -35,10 +36,10 @@ def test_the_recipe_directory_is_enumerated():
     assert named_dataset("feed_alone_fashion_mnist") == "fashion_mnist" and named_dataset("my_recipe") is None
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES)
 def test_recipe_composes_validates_and_builds(path, compose):
-    name = path.stem
-    cfg = compose(f"+experiment={name}")
+    name = path.rsplit("/", 1)[-1]  # a study's part: capacity_gap/gap_kd_fashion_mnist
+    cfg = compose(f"+experiment={path}")
     assert cfg["experiment_name"] == name
     assert isinstance(cfg["method"], str) and cfg["method"], cfg.get("method")
 

@@ -6,12 +6,15 @@ import json
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import Callback
 
 from kdlab.errors import ConfigError, StoreError
 from kdlab.models import build_model, count_params
 from kdlab.pipeline import TOPOLOGIES, build_stages
+from kdlab.pipeline.runner import run_pipeline
 from kdlab.store import StageStore, stage_key
 from tests.helpers.cli import read_results, run_kdlab, trained
+from tests.helpers.config import compose_dictconfig
 
 CHAIN = ["plain10", "plain8", "plain6", "plain4", "plain2"]
 BASE = {
@@ -214,3 +217,57 @@ def test_store_key_holds_the_resolved_precision(tmp_path):
     r = run_kdlab([*args, "trainer.precision=bf16-mixed"], tmp_path, tmp_path / "bf16")
     assert r.returncode == 0, r.stderr
     assert read_results(tmp_path / "bf16")["stages"][0]["cached"] is cpu_has_native_bf16()
+
+
+FITTED: list[tuple[str, int, str, bool]] = []  # (stage, seed, augment, views) of the data each fit got
+
+
+class DataRecorder(Callback):
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            dm = trainer.datamodule
+            FITTED.append((pl_module.stage_name, dm.seed, dm.augment, dm.train_views))
+
+
+def test_each_stage_fits_on_its_own_view_of_the_data_and_the_run_s_is_unchanged(tmp_path, monkeypatch):
+    """A teacher with a pinned seed and its own augmentation, a student with a seed offset: Lightning fits each on
+    data with the stage's seed and augmentation; the run's data module keeps the run's settings throughout."""
+    from kdlab.pipeline import runner
+
+    built = []
+    real = runner.build_datamodule
+    monkeypatch.setattr(runner, "build_datamodule", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    FITTED.clear()
+    cfg = compose_dictconfig("preset=none", "data=synthetic", "data.n_train=128", "data.n_test=32",
+                             "data.batch_size=64", "data.augment=none", "pipeline=direct",
+                             "pipeline.chain=[plain2,plain2]", "distill=kd", "trainer.max_epochs=1", "seed=3",
+                             "logger=none", "callbacks.progress=none", f"paths.store_dir={tmp_path / 'store'}",
+                             "+pipeline.per_stage.teacher.seed=11", "+pipeline.per_stage.teacher.augment=flip",
+                             "+pipeline.per_stage.student.seed_offset=1",
+                             f"+callbacks.data._target_={__name__}.DataRecorder")
+    assert run_pipeline(cfg, tmp_path / "run")["status"] == "completed"
+    assert FITTED == [("teacher", 11, "flip", False), ("student", 4, "none", False)]
+    (dm,) = built
+    assert (dm.seed, dm.augment, dm.train_views) == (3, "none", False)
+
+
+def test_one_stage_record_for_a_trained_and_an_imported_stage():
+    """StageOutcome.meta is every stage's meta.json: the fields results.json reads, for both kinds of stage."""
+    from kdlab.pipeline.runner import OPTIONAL_STAGE_FIELDS, STAGE_FIELDS
+    from kdlab.pipeline.train import StageOutcome
+
+    teacher, student = build_stages(cfg(topology="direct", chain=["plain4", "plain2"]))
+    trained = StageOutcome(params=10, extra_params=3, epochs=2, best_epoch=1, val_acc=0.5, test_acc=0.4,
+                           test_acc_last=0.3, val_curve=[0.2, 0.5], train_seconds=1.5, samples_per_second=8.0,
+                           extra={"data_free": True, "test_acc_best_val": 0.4, "val_acc_best": 0.5}
+                           ).meta(student, {"seed": 0}, stage_seconds=2.0004)
+    imported = StageOutcome(params=10, val_acc=0.6, test_acc=0.7, test_acc_last=0.7, val_curve=[0.6],
+                            extra={"pretrained": True, "imported_from": "/w.pt"}).meta(teacher, {}, 1.0)
+    for meta in (trained, imported):
+        assert set(STAGE_FIELDS) <= set(meta)
+    assert {k: trained[k] for k in ("name", "sources", "epochs", "best_epoch", "stage_seconds")} == \
+        {"name": "student", "sources": ["teacher"], "epochs": 2, "best_epoch": 1, "stage_seconds": 2.0}
+    assert [k for k in trained if k in OPTIONAL_STAGE_FIELDS] == ["data_free", "test_acc_best_val", "val_acc_best"]
+    assert (imported["epochs"], imported["extra_params"], imported["train_seconds"], imported["best_epoch"],
+            imported["samples_per_second"], imported["sources"]) == (0, 0, 0.0, None, None, [])
+    assert list(imported)[-2:] == ["pretrained", "imported_from"] and imported["description"] == {}

@@ -56,21 +56,13 @@ def view_tables(ctx, srcs, taps=()):
 
 
 def augmented_batches(dm, n=2):
-    dm.train_views = True
-    try:
-        loader = iter(dm.train_dataloader())
-        return [next(loader) for _ in range(n)]
-    finally:
-        dm.train_views = False
+    loader = iter(dm.for_stage(views=True).train_dataloader())
+    return [next(loader) for _ in range(n)]
 
 
 def test_the_loader_reports_the_views_it_drew_and_its_batches_are_unchanged(dm):
     plain = list(dm.train_dataloader())
-    dm.train_views = True
-    try:
-        with_views = list(dm.train_dataloader())
-    finally:
-        dm.train_views = False
+    with_views = list(dm.for_stage(views=True).train_dataloader())
     space = dm.view_space()
     assert (space.pad, space.count) == (PAD, (2 * PAD + 1) ** 2 * 2)
     assert len(plain) == len(with_views) and all(len(b) == 3 for b in plain)

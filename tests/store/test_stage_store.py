@@ -394,3 +394,23 @@ def test_a_read_only_store_writes_its_view_cache_to_a_private_temporary_copy(tmp
     assert reader.load_view_cache("k", "dk") is None  # no manifest anywhere
     cache.close()
     assert not private.exists()
+
+
+def test_test_outputs_added_after_the_marker_leave_the_stage_done(tmp_path):
+    """A stage's test-split outputs (cache/test.pt) beside a done stage: DONE, and so lookup, do not depend on
+    them, whether written before the marker (a stage trained now) or after it (one an older kdlab stored)."""
+    store = StageStore(tmp_path)
+    store.commit("k", {"w": torch.ones(2)}, {"name": "teacher"})
+    done = (tmp_path / "k" / "DONE").read_bytes()
+    outputs = {"logits": torch.randn(5, 3).half(), "labels": torch.tensor([0, 1, 2, 0, 1])}
+    assert store.load_test_outputs("k") is None
+    store.save_test_outputs("k", outputs)
+    assert (tmp_path / "k" / "DONE").read_bytes() == done and store.lookup("k") is not None
+    assert sorted(p.name for p in (tmp_path / "k" / "cache").iterdir()) == ["test.pt", "test.sha256"]
+    loaded = store.load_test_outputs("k")
+    assert torch.equal(loaded["logits"], outputs["logits"]) and torch.equal(loaded["labels"], outputs["labels"])
+    StageStore(tmp_path, writer=False).save_test_outputs("k2", outputs)  # a read-only store (DDP rank > 0)
+    assert not (tmp_path / "k2").exists()
+    path = tmp_path / "k" / "cache" / "test.pt"
+    path.write_bytes(path.read_bytes()[:-1])  # damaged: not trusted, dropped; the stage itself stays done
+    assert store.load_test_outputs("k") is None and not path.exists() and store.lookup("k") is not None

@@ -26,30 +26,28 @@ SYNTH = {"name": "synthetic", "root": "data", "download": False, "subset": None,
 def test_per_stage_augment_is_the_stages_own_and_changes_only_its_fingerprint():
     dm = build_datamodule(SYNTH, batch_size=32, seed=0)
     plain = dm.fingerprint()
-    with dm.stage_augment("crop_flip") as d:
-        assert d.augment == "crop_flip" and not d.deterministic_train
-        flipped = d.fingerprint()
-        augmented, *_ = next(iter(d.train_dataloader()))
+    d = dm.for_stage(augment="crop_flip")
+    assert d.augment == "crop_flip" and not d.deterministic_train
+    flipped = d.fingerprint()
+    augmented, *_ = next(iter(d.train_dataloader()))
     assert flipped != plain
-    assert dm.augment == "none" and dm.fingerprint() == plain and dm.deterministic_train  # restored after
+    assert dm.augment == "none" and dm.fingerprint() == plain and dm.deterministic_train  # the data's own
     unaugmented, *_ = next(iter(dm.train_dataloader()))  # the same images in the same order, not cropped
     assert augmented.shape == unaugmented.shape and not torch.equal(augmented, unaugmented)
-    with dm.stage_augment("crop_flip"):
-        assert dm.fingerprint() == flipped  # the same augmentation: the same fingerprint (so store key)
-    with dm.stage_augment(None):
-        assert dm.fingerprint() == plain
+    assert dm.for_stage(augment="crop_flip").fingerprint() == flipped  # the same augmentation: the same store key
+    assert dm.for_stage(augment=None).fingerprint() == plain
     with pytest.raises(ConfigError, match=r"pipeline.per_stage.teacher.augment 'rotate'.*known: none, flip, crop_flip"):
         dm.check_augment("rotate", "pipeline.per_stage.teacher.augment")
 
 
 def test_per_stage_augment_reaches_the_teacher_spec_only(compose):
-    cfg = compose("+experiment=gap_takd_fashion_mnist", "gap.width=0.25")
+    cfg = compose("+experiment=capacity_gap/gap_takd_fashion_mnist", "gap.width=0.25")
     specs = build_stages(cfg)
     assert [(s.name, s.augment, s.seed) for s in specs] == [("teacher", "crop_flip", 0), ("ta1", None, 0),
                                                              ("ta2", None, 0), ("student", None, 0)]
     assert specs[-1].model["kwargs"] == {"width_mult": 0.25} and specs[0].max_epochs == 12
     assert [s.max_epochs for s in specs[1:]] == [5, 5, 5]
-    cfg = compose("+experiment=gap_sdgkd_fashion_mnist", "gap.width=0.0625", "seed=3")
+    cfg = compose("+experiment=capacity_gap/gap_sdgkd_fashion_mnist", "gap.width=0.0625", "seed=3")
     specs = build_stages(cfg)
     assert specs[-1].stochastic["mode"] == "drop_k" and specs[-1].sources == ["teacher", "ta1", "ta2"]
     assert [s.seed for s in specs] == [0, 0, 0, 3]  # teacher and TAs pinned, the student has the run's seed
@@ -72,9 +70,7 @@ def test_a_teacher_trained_with_crop_flip_teaches_from_the_cache(tmp_path):
     metas = [json.loads((store / x["stages"][0]["store_key"] / "meta.json").read_text()) for x in (a, b)]
     # the teacher's data fingerprint is that of the crop+flip batches; the student's, of the plain ones
     dm = build_datamodule({**SYNTH, "n_train": 320, "n_test": 100}, batch_size=64, seed=0)
-    plain = dm.fingerprint()
-    with dm.stage_augment("crop_flip"):
-        flipped = dm.fingerprint()
+    plain, flipped = dm.fingerprint(), dm.for_stage(augment="crop_flip").fingerprint()
     assert [m["description"]["data"] for m in metas] == [flipped, plain]
     student = json.loads((store / a["stages"][1]["store_key"] / "meta.json").read_text())
     assert student["description"]["data"] == plain
@@ -131,7 +127,9 @@ def test_the_capacity_gap_study_config_loads_with_its_figure_and_own_readme_bloc
     assert study_config.docs_dir(cfg) == ROOT / "docs" / "results" / "capacity_gap"
     widths = [next(o for o in s["overrides"] if o.startswith("++gap.width=")) for s in cfg["sweeps"]]
     assert len(set(widths)) == 3
-    methods = {e for s in cfg["sweeps"] for e in s["experiments"]}
+    parts = {e for s in cfg["sweeps"] for e in s["experiments"]}  # the study's own recipes, in its folder
+    assert all(e.startswith("capacity_gap/") for e in parts), parts
+    methods = {study_config.row_name([], e) for e in parts}  # named by their stems in the tables
     assert set(cfg["gain_vs_gap"]["methods"]) | {cfg["gain_vs_gap"]["baseline"]} == methods
     readme = (ROOT / "README.md").read_text()
     assert all(m in readme for m in study_tables.markers("capacity-gap"))
@@ -146,8 +144,10 @@ def test_tiny_capacity_gap_study_end_to_end(tmp_path):
         "gain_vs_gap: {baseline: gap_alone_fashion_mnist, methods: [gap_kd_fashion_mnist], labels: {gap_kd_fashion_mnist: KD}}\n"
         "parts:\n  wide: {baseline: gap_alone_fashion_mnist, title: Wide}\n  thin: {baseline: gap_alone_fashion_mnist, title: Thin}\n"
         "sweeps:\n"
-        "  - {part: wide, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [++gap.width=0.5]}\n"
-        "  - {part: thin, experiments: [gap_alone_fashion_mnist, gap_kd_fashion_mnist], overrides: [++gap.width=0.125]}\n")
+        "  - {part: wide, experiments: [capacity_gap/gap_alone_fashion_mnist, capacity_gap/gap_kd_fashion_mnist],"
+        " overrides: [++gap.width=0.5]}\n"
+        "  - {part: thin, experiments: [capacity_gap/gap_alone_fashion_mnist, capacity_gap/gap_kd_fashion_mnist],"
+        " overrides: [++gap.width=0.125]}\n")
     out = tmp_path / "results"
     r = run_study(str(spec), "--root", str(tmp_path / "root"), "--out", str(out), "--",
                   "data=synthetic", "data.n_train=320", "data.n_test=100", "trainer.max_epochs=1",

@@ -72,6 +72,8 @@ def test_a_sweep_renaming_its_experiment_gets_its_command_and_place_in_the_table
     """The library part runs one recipe under many experiment_name= overrides: each row is one of them."""
     assert study_config.row_name(["distill=dkd", "experiment_name=lib_dkd"], "library_fashion_mnist") == "lib_dkd"
     assert study_config.row_name(["distill=dkd"], "library_fashion_mnist") == "library_fashion_mnist"
+    # a study's own part (conf/experiment/<study>/) is named by its stem, its experiment_name
+    assert study_config.row_name([], "fashion_mnist/library_fashion_mnist") == "library_fashion_mnist"
     spec = study_config.load_study("fashion_mnist")
     library = [s for s in spec["sweeps"] if s["part"] == "library"]
     names = [study_config.row_name(s.get("overrides", []), e) for s in library for e in s["experiments"]]
@@ -117,7 +119,7 @@ def test_small_study_end_to_end_with_a_failing_sweep(tmp_path):
                          f"logger=csv data.n_train=320 data.n_test=100 trainer.max_epochs=1 paths.output_dir={tmp_path}`")
     # the table's numbers are compare's numbers from the run directories
     csv_rows = (out / "chain" / "comparison.csv").read_text().splitlines()
-    assert len(csv_rows) == 2 and csv_rows[1].startswith("experiment=dgkd_synthetic_test,dgkd_synthetic_test,2,0")
+    assert len(csv_rows) == 2 and csv_rows[1].startswith("experiment=dgkd_synthetic_test,dgkd_synthetic_test,heldout,2,0")
     results = sorted((tmp_path / "root" / "01-chain").rglob("results.json"))
     accs = [json.loads(p.read_text())["stages"][-1]["test_acc"] for p in results]
     assert len(accs) == 2 and f"{100 * sum(accs) / 2:.2f} ±" in cells[2]
