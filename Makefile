@@ -1,11 +1,11 @@
-# kdlab: make install | install-unpinned | lock | run | test | test-slow | bench | study | study-gap | study-zskd | lint | docs
+# kdlab: make install | install-unpinned | lock | run | test | test-slow | bench | check-gpu | study | study-gap | study-zskd | lint | docs
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: install install-unpinned lock run test test-slow test-all bench study study-gap study-zskd lint docs clean
+.PHONY: install install-unpinned lock run test test-slow test-all bench check-gpu study study-gap study-zskd lint docs clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/run.py $(ARGS)
+
+# kdlab's CUDA paths on this machine's GPU(s), one line per check, under 10 minutes; one line and exit 0 without a GPU
+check-gpu: install
+	$(PY) benchmarks/check_gpu.py $(ARGS)
 
 study: install
 	$(PY) -m kdlab.study fashion_mnist --docs $(ARGS)

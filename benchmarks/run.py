@@ -1,6 +1,6 @@
 """``make bench``: every kdlab speed figure, measured in one run on this machine, as a table and JSON.
 
-    make bench                          # all benchmarks, ~15-20 min on a 2-core CPU
+    make bench                          # all benchmarks, ~25 min on a 2-core CPU
     make bench ARGS=--quick             # tiny sizes: checks that every script works (the smoke test)
     make bench ARGS="--only stages,data"
     python benchmarks/run.py --memory-full   # (e) on the real 10-epoch `make run` (long)
@@ -30,12 +30,13 @@ sys.path.insert(0, str(HERE))
 
 import common
 
-BENCHES = ["hotpath", "data", "stages", "knobs", "methods", "views", "dafl", "quant", "imagefolder", "peer", "memory", "gpu"]
+BENCHES = ["hotpath", "data", "stages", "knobs", "methods", "views", "dafl", "quant", "imagefolder", "peer", "memory",
+           "sweeps", "gpu"]
 WHAT = {"hotpath": "2. no wasted work (profile)", "data": "b. data path", "stages": "a/c/f. student stages",
         "knobs": "3. speed knobs", "methods": "g. method cost", "views": "h. sources cached under augmentation",
         "dafl": "i. data-free step (DAFL)",
         "quant": "j. quantized students", "imagefolder": "k. on-disk ImageFolder loader", "peer": "d. peer (torchdistill)", "memory": "e. memory",
-        "gpu": "5. GPU (only where there is one)"}
+        "sweeps": "l. a sweep on the whole machine", "gpu": "5. GPU (only where there is one)"}
 # rewritten with --docs: the README keeps the figures that have a target (a first-day page), the performance
 # page every figure
 DOCS = {HERE.parent / "README.md": True, HERE.parent / "docs" / "performance.md": False}  # path -> headline only

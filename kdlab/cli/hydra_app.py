@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdlab import config_tree
 from kdlab.cli.report import report_error
@@ -146,14 +146,20 @@ class SweepStatus(Callback):
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> float | None:
     from kdlab.errors import KdlabError
-    from kdlab.pipeline.runner import run_pipeline
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:  # jobs in worker processes (joblib, submitit) start without __main__'s quieting
         from kdlab.cli.logs import quiet_libraries
+        from kdlab.cli.resources import for_job
 
         quiet_libraries()
+        # threads and GPU first, before the pipeline's imports (kdlab/cli/resources.py): the job's first line
+        for_job({"trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
+                 "sweep": OmegaConf.to_container(cfg.sweep, resolve=True) if "sweep" in cfg else {}},
+                int(hc.job.num), f"job {hc.job.num}: ")
+    from kdlab.pipeline.runner import run_pipeline
+
     run_dir = Path(hc.runtime.output_dir)
     debug = bool(cfg.get("debug")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     job = f"job {hc.job.num}: " if multirun else ""

@@ -308,6 +308,7 @@ def check_command(argv: list[str], machine: bool = True) -> None:
         return  # Hydra prints the config (composition errors, if any, are Hydra's to show)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from kdlab.cli.resources import check_settings
     from kdlab.pipeline.checks import validate_config  # the checks (and torch) only for a run, not for --help
     from kdlab.pipeline.protocol import check_sweeper
 
@@ -325,6 +326,8 @@ def check_command(argv: list[str], machine: bool = True) -> None:
             plain = OmegaConf.to_container(cfg, resolve=True)
             validate_config(plain)
             check_sweeper(plain, sweeper)  # Optuna's objective needs a validation split
+            check_settings(plain.get("sweep") or {}, multirun,  # sweep.*: checked, and only in a sweep
+                           [o.lstrip("+~").split("=", 1)[0] for o in overrides if o.lstrip("+~").startswith("sweep.")])
             if machine and i == 0:
                 check_machine(args, multirun, hydra_cfg, plain)
         except KdlabError as e:

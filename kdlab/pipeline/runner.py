@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def new_results(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return {
         "schema": RESULTS_SCHEMA, "kdlab_version": kdlab.__version__,
-        "environment": describe_environment(),
+        "environment": describe_environment(cfg.get("trainer")),
         "experiment": cfg.get("experiment_name") or "default", "method": cfg.get("method"),
         "protocol": protocol.protocol_name(cfg), "reference": None,
         "dataset": (cfg.get("data") or {}).get("name"), "seed": cfg.get("seed"), "overrides": overrides,
@@ -119,15 +120,18 @@ def stage_result(spec: StageSpec, record: StageRecord, cached: bool, extra: dict
     return out
 
 
-def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: list[str] | None = None
-                 ) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: list[str] | None = None, *,
+                 only: Collection[str] | None = None, results_name: str = "results.json") -> dict[str, Any]:
     """Run every stage of the configured pipeline; always leaves a results.json (completed, failed or
-    interrupted: SIGTERM / SIGINT raise :class:`kdlab.errors.Interrupted` while it runs)."""
+    interrupted: SIGTERM / SIGINT raise :class:`kdlab.errors.Interrupted` while it runs).
+
+    ``only``: just these stages (names closed under their sources; a sweep's shared stages trained before its
+    jobs, :mod:`kdlab.cli.sweeps`), the record written as ``results_name``."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = new_results(plain, list(overrides or []))
-    results_path = run_dir / "results.json"
+    results_path = run_dir / results_name
     t0 = time.perf_counter()
     sync = RankSync()  # DDP: rank 0 decides, looks up and writes; the other ranks follow (kdlab/store/stage_store.py)
     where = "before the first stage"  # named by a SIGTERM / SIGINT (Interrupted) and in results.json
@@ -136,6 +140,8 @@ def run_pipeline(cfg: DictConfig | dict[str, Any], run_dir: Path, overrides: lis
         specs, ctx = start_run(plain, run_dir, results, sync)
         done: dict[str, tuple[StageSpec, StageRecord]] = {}
         for spec in specs:
+            if only is not None and spec.name not in only:
+                continue  # planned with the others by start_run: the same keys as the whole pipeline's
             where = f"during stage {spec.name}"
             record, entry = run_stage(spec, done, ctx, sync)
             done[spec.name] = (spec, record)
@@ -214,7 +220,7 @@ def run_stage(spec: StageSpec, done: dict[str, tuple[StageSpec, StageRecord]], c
     description = stage_description(spec, ctx, [rec.key for _, rec in sources.values()])
     key = stage_key(description)
     extra: dict[str, Any] = {}
-    with ctx.store.lock(key, spec.name):  # held while training: parallel runs wait, then reuse it
+    with ctx.store.lock(key, spec.name) as waited:  # held while training: parallel runs wait, then reuse it
         if sync.leader:
             record = ctx.store.lookup(key, spec.name)
             resume = None if record or spec.imported else resume_point(ctx.store.work_dir(key), spec.name)
@@ -234,7 +240,7 @@ def run_stage(spec: StageSpec, done: dict[str, tuple[StageSpec, StageRecord]], c
                 record = import_pretrained(spec, key, ctx, description)
             else:
                 record, extra = train_stage(spec, key, sources, ctx, description, resume=plan["resume"])
-    entry = stage_result(spec, record, cached, extra, ctx.dm)
+    entry = {**stage_result(spec, record, cached, extra, ctx.dm), "lock_wait_seconds": round(waited.seconds, 3)}
     if sync.leader:  # agreement with its sources and teacher, KL, ECE: from stored test-split outputs
         entry.update(stage_fidelity(ctx, spec, record, done))
     return record, entry

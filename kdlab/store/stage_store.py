@@ -82,6 +82,13 @@ class StageRecord:
 
 
 
+@dataclass
+class LockWait:
+    """Seconds a process waited for a stage's lock while another process held it (0.0: it was free)."""
+
+    seconds: float = 0.0
+
+
 class StageStore:
     def __init__(self, root: str | os.PathLike, on_corrupt: str = "retrain", lock_timeout: float = -1,
                  writer: bool = True):
@@ -112,28 +119,35 @@ class StageStore:
 
     # -- locking ------------------------------------------------------------------------------------
     @contextmanager
-    def lock(self, key: str, label: str = "") -> Iterator[None]:
-        """Hold the stage's lock; waits (with a message) while another process trains the stage.
+    def lock(self, key: str, label: str = "") -> Iterator[LockWait]:
+        """Hold the stage's lock; waits (with a message) while another process trains the stage. Yields how
+        long this process waited for it (:class:`LockWait`: 0.0 when the lock was free), which the runner
+        records per stage (``lock_wait_seconds`` in results.json).
 
         The lock is ``fcntl``-based: the kernel drops it when its holder exits, however it dies. A
         read-only store (the non-zero ranks of a DDP run) takes no lock: rank 0 holds it for them.
         """
+        waited = LockWait()
         if not self.writer:
-            yield
+            yield waited
             return
         lock = FileLock(str(self.root / f"{key}.lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             log.info("waiting for stage %s (%s): another process is training it", label or key, key)
+            t0 = time.perf_counter()
             try:
                 lock.acquire(timeout=self.lock_timeout)
             except Timeout as e:
                 raise StoreError(f"timed out waiting for the lock of stage {label or key} ({key})") from e
+            finally:
+                waited.seconds = time.perf_counter() - t0
+            log.info("waited %.1f s for stage %s (%s)", waited.seconds, label or key, key)
         except OSError as e:
             raise StoreError(f"cannot lock stage {label or key} in {str(self.root)!r}: {e.strerror or e}") from e
         try:
-            yield
+            yield waited
         finally:
             lock.release()
 

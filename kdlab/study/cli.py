@@ -5,7 +5,8 @@ some experiments and seeds, grouped into parts (one results table each):
 
     python -m kdlab -m +experiment=A,B seed=0,1,2 [the sweep's overrides] [the study's] [yours]
 
-The sweeps run one after the other (stages shared between them come from the store), then
+The sweeps run one after the other (stages shared between them come from the store), each running as many of its
+pipelines at a time as the machine allows (joblib; ``--jobs``; docs/sweeps.md), then
 ``kdlab.compare`` turns each part's runs into tables: ``<out>/<part>/comparison.{csv,html,md}`` and PNGs,
 plus ``<out>/results.md`` (all parts) and ``<out>/study.json`` (commands, exit codes, wall times).
 ``--docs`` writes them to ``docs/results/`` and puts ``results.md`` into the README between the
@@ -68,6 +69,27 @@ def machine() -> dict:
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def how_to_run(requested: int | None, extra: list[str]) -> tuple[int | None, int | None, list[str]]:
+    """(jobs at a time, threads per job, the launcher overrides) of every sweep: as many jobs at once as the
+    machine allows (kdlab.cli.resources.parallel_jobs: one per GPU, else one per core, at most 8; ``--jobs``
+    chooses), under joblib, each job sized by kdlab. A launcher given after ``--`` is the user's: (None, None, [])."""
+    from kdlab.cli.resources import (
+        assign,
+        launcher_overrides,
+        parallel_jobs,
+        usable_cores,
+        user_threads,
+        visible_gpus,
+    )
+
+    if any(x.startswith(("hydra/launcher=", "hydra.launcher.")) for x in extra):
+        return None, None, []
+    jobs = parallel_jobs(requested)
+    threads = assign(jobs, 0, visible_gpus(), usable_cores(), user_threads=user_threads()).threads if jobs > 1 \
+        else (user_threads() or usable_cores())
+    return jobs, threads, launcher_overrides(jobs)
+
+
 def run(a: argparse.Namespace) -> int:
     if a.tables_only:
         return tables_only(a)
@@ -82,21 +104,24 @@ def run(a: argparse.Namespace) -> int:
         if p not in parts:
             raise ConfigError(f"--only names unknown part {p!r}; parts of study {a.name}: {', '.join(parts)}")
     extra = list(a.overrides)
+    jobs, threads, launcher = how_to_run(a.jobs, extra)
     sweeps = [s for s in study["sweeps"] if s["part"] in only]
     stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     root = Path(a.root) if a.root else ROOT / "outputs" / "study" / Path(a.name).stem / stamp
     out = docs_dir(study) if a.docs else Path(a.out) if a.out else root / "results"
 
-    record = {"study": a.name, "seeds": seeds, "overrides": extra, "root": str(root), "machine": machine(),
+    record = {"study": a.name, "seeds": seeds, "overrides": extra, "root": str(root),
+              "machine": {**machine(), "jobs": jobs, "threads_per_job": threads},
               "started": datetime.now().isoformat(timespec="seconds"), "sweeps": []}
     for i, sw in enumerate(sweeps):
-        args = sweep_args(study, sw, seeds, extra)
+        args = sweep_args(study, sw, seeds, extra) + launcher
         record["sweeps"].append({
             "part": sw["part"], "experiments": sw["experiments"], "command": command_line(args),
             "commands": {e: experiment_command(study, sw, e, seeds, extra) for e in sw["experiments"]},
             "dir": str(root / f"{i + 1:02d}-{sw['part']}"), "args": args})
     n_jobs = len(seeds) * sum(len(s["experiments"]) for s in sweeps)
-    print(f"study {a.name}: {len(sweeps)} sweeps, {n_jobs} pipeline runs, seeds {seeds}; runs under {root}")
+    how = f"{jobs} job(s) at a time, {threads} thread(s) each" if jobs else "the launcher given after --"
+    print(f"study {a.name}: {len(sweeps)} sweeps, {n_jobs} pipeline runs, seeds {seeds}; {how}; runs under {root}")
     if a.dry_run:
         for s in record["sweeps"]:
             print(s["command"])
@@ -142,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="where the sweeps' runs go (default outputs/study/NAME/DATE/TIME)")
     p.add_argument("--out", default=None, help="where the tables go (default ROOT/results)")
     p.add_argument("--docs", action="store_true", help="write the tables to docs/results/ and into the README")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="pipelines at a time in each sweep (default: one per GPU, else one per core, at most 8, each "
+                   "with cores / jobs threads; 1: one after another)")
     p.add_argument("--dry-run", action="store_true", help="print the sweep commands and stop")
     p.add_argument("--tables-only", action="store_true",
                    help="rebuild the tables of the finished study under --root from its run directories")

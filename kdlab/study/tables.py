@@ -211,7 +211,9 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
               + (f" --seeds {','.join(map(str, seeds))}" if seeds != study["seeds"] else "")
               + (" -- " + " ".join(shlex.quote(x) for x in extra) if extra else "")
               + f"` in {compare_tables.fmt_seconds(record['seconds'])} on {m['cpu']} "
-              f"({m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}, 1-min load "
+              f"({m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}, "
+              + (f"{m['jobs']} job(s) at a time with {m['threads_per_job']} thread(s) each, " if m.get("jobs") else "")
+              + "1-min load "
               f"{m['loadavg_start'][0]} at start), {record['started'][:10]}. Student test accuracy on each "
               f"recipe's test split, mean ± sample std over the seeds; {protocol_label(collected)}.\n\n")
     (out / "results.md").write_text(header + md, encoding="utf-8")

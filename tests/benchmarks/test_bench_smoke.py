@@ -406,3 +406,35 @@ def test_gpu_bench_dry_run_measures_both_kd_steps(bench):
         assert f["value"] is not None and f["value"] > 0 and f["unit"] == "images/s", f
     macs = result["details"]["imagenet"]["macs"]
     assert macs["torchvision/resnet34"] > macs["torchvision/resnet18"] > 0
+
+
+@pytest.mark.slow  # three CLI sweeps (~1-3 min): make test-slow
+def test_sweeps_benchmark(bench):
+    """(l) The same sweep sequentially, in parallel as before (every job all cores, no plan) and as kdlab sizes it
+    (cores / jobs threads, the shared teacher first): the figures are the runs' own records."""
+    _, o = bench
+    import bench_sweeps
+
+    result = bench_sweeps.run(o)
+    figs = _figures(result)
+    assert set(figs) == {"l_before", "l_after", "l_threads", "l_lock_wait", "l_plan"}
+    d = result["details"]
+    runs = {way: rs[0] for way, rs in d["runs"].items()}
+    cores, jobs = d["cores"], runs["after"]["jobs"]
+    assert jobs == 2 and all(r["jobs"] == jobs for r in runs.values())
+    assert runs["sequential"]["threads"] == [cores] * jobs  # one process, torch's default
+    assert runs["before"]["threads"] == [cores] * jobs  # OMP_NUM_THREADS = cores: the user's, kept
+    parallel = runs["after"]["parallel"]
+    assert parallel == min(cores, jobs, 8) and runs["after"]["threads"] == [max(1, cores // parallel)] * jobs
+    assert figs["l_threads"]["value"] == max(1, cores // parallel) and figs["l_threads"]["ok"] is True
+    # the teacher first, once; the jobs train only their students and never wait (one core: one at a time)
+    assert [name for name, _ in runs["after"]["shared"]] == (["teacher"] if parallel > 1 else [])
+    assert runs["after"]["trained_by_jobs"] == (jobs if parallel > 1 else jobs + 1)
+    assert runs["after"]["lock_wait_seconds"] == 0.0
+    assert figs["l_lock_wait"]["value"] == 0.0 and figs["l_lock_wait"]["ok"] is True
+    assert runs["sequential"]["trained_by_jobs"] == runs["before"]["trained_by_jobs"] == jobs + 1
+    assert all(r["distinct_stages"] == jobs + 1 for r in runs.values())
+    assert figs["l_after"]["value"] == round(runs["after"]["wall_seconds"] / runs["sequential"]["wall_seconds"], 3)
+    assert figs["l_before"]["value"] == round(runs["before"]["wall_seconds"] / runs["sequential"]["wall_seconds"], 3)
+    assert figs["l_plan"]["value"] == round(runs["after"]["wall_seconds"] / runs["after"]["stage_seconds_sum"], 3)
+    assert all(0.1 < f["value"] < 20 for k, f in figs.items() if k in ("l_before", "l_after", "l_plan"))

@@ -15,23 +15,10 @@ from kdlab.data import build_datamodule
 from kdlab.errors import ConfigError, DataError
 from tests.helpers.cli import read_results, run_kdlab
 from tests.helpers.config import compose_config
+from tests.helpers.data import write_jpegs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def write_jpegs(root, split: str, per_class: dict[str, int], size=(40, 30), seed=0) -> None:
-    """Class-coloured noisy JPEGs (learnable: each class has its own mean colour), encoded by torchvision."""
-    from torchvision.io import encode_jpeg
-
-    g = torch.Generator().manual_seed(seed + len(split))
-    for c, (cls, n) in enumerate(per_class.items()):
-        d = root / split / cls
-        d.mkdir(parents=True)
-        base = torch.tensor([(60 + 150 * ((c >> b) & 1)) for b in range(3)], dtype=torch.float32).view(3, 1, 1)
-        for i in range(n):
-            x = (base + 30 * torch.randn(3, size[1], size[0], generator=g)).clamp(0, 255).to(torch.uint8)
-            (d / f"{i}.jpg").write_bytes(encode_jpeg(x, quality=90).numpy().tobytes())
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,19 @@ SYNTH = ["preset=none", "data=synthetic", "data.n_train=640", "data.n_test=200",
          "trainer.max_epochs=2", "optimizer.lr=0.01", "callbacks.progress=plain"]
 
 
-def kdlab_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def kdlab_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The tests' environment for a kdlab process; ``extra`` adds variables (None: remove it, e.g.
+    ``{"OMP_NUM_THREADS": None}`` to let a sweep size its jobs' threads itself)."""
     env = dict(os.environ)
     env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
                 "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     env.pop("WANDB_API_KEY", None)
     env.update(extra or {})
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def run_kdlab(args: list[str], out: Path, run_dir: Path | None = None, synth: bool = True, timeout: int = 600,
-              multirun: bool = False, env: dict[str, str] | None = None, module: str = "kdlab"
+              multirun: bool = False, env: dict[str, str | None] | None = None, module: str = "kdlab"
               ) -> subprocess.CompletedProcess:
     """``python -m kdlab`` with outputs under ``out`` (store shared between calls with the same ``out``)."""
     cmd = [sys.executable, "-m", module]

@@ -1,5 +1,6 @@
 """Data for the tests: a small in-memory synthetic datamodule, and writers of the real on-disk formats (the CIFAR
-pickles as Python 2 wrote them, Fashion-MNIST's IDX files, ImageFolder PNGs) read back through kdlab's loaders."""
+pickles as Python 2 wrote them, Fashion-MNIST's IDX files, ImageFolder PNGs and JPEGs) read back through kdlab's
+loaders. ``make check-gpu`` (benchmarks/check_gpu.py) writes its CIFAR-100 archive and ImageFolder with them too."""
 from __future__ import annotations
 
 import gzip
@@ -125,3 +126,18 @@ def write_pngs(root: Path, split: str, per_class: dict[str, int], size=(20, 14))
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(d / f"{i}.png")
 
+
+def write_jpegs(root: Path, split: str, per_class: dict[str, int], size=(40, 30), seed=0) -> None:
+    """Class-coloured noisy JPEGs (learnable: each class has its own mean colour), encoded by torchvision, in
+    ``root/split/<class>/<i>.jpg``."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    g = torch.Generator().manual_seed(seed + len(split))
+    for c, (cls, n) in enumerate(per_class.items()):
+        d = root / split / cls
+        d.mkdir(parents=True)
+        base = torch.tensor([(60 + 150 * ((c >> b) & 1)) for b in range(3)], dtype=torch.float32).view(3, 1, 1)
+        for i in range(n):
+            x = (base + 30 * torch.randn(3, size[1], size[0], generator=g)).clamp(0, 255).to(torch.uint8)
+            (d / f"{i}.jpg").write_bytes(encode_jpeg(x, quality=90).numpy().tobytes())

@@ -10,13 +10,13 @@ from importlib import metadata
 import pytest
 import torch
 
-from kdlab.pipeline.environment import describe_environment
+from kdlab.pipeline.environment import describe_device, describe_environment
 from tests.helpers.cli import ROOT, read_results, run_kdlab
 
 LOCK = ROOT / "requirements.lock"
 MAKEFILE = ROOT / "Makefile"
 ENV_KEYS = {"kdlab", "python", "torch", "torchvision", "lightning", "hydra", "torchmetrics", "numpy", "cpu",
-            "cpu_count", "gpu", "cuda", "platform"}
+            "cpu_count", "gpu", "cuda", "platform", "threads", "device"}
 
 
 def canonical(name: str) -> str:
@@ -107,10 +107,28 @@ def test_describe_environment():
     assert env["cuda"] == torch.version.cuda
     assert env["cpu_count"] is None or env["cpu_count"] >= 1
     assert env["cpu"] is None or isinstance(env["cpu"], str) and env["cpu"]
+    assert env["threads"] == torch.get_num_threads()
     if not torch.cuda.is_available():
-        assert env["gpu"] is None
+        assert env["gpu"] is None and env["device"] == "cpu"
     else:
         assert env["gpu"] == torch.cuda.get_device_name(0)
+
+
+def test_describe_device_names_the_gpus_a_run_uses(monkeypatch):
+    """environment.device: cpu, or the GPU(s) as CUDA_VISIBLE_DEVICES names them (a sweep job's own GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert describe_device({"accelerator": "auto", "devices": 1}) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert describe_device({"accelerator": "auto", "devices": 1}) == "cuda:0"
+    assert describe_device({"accelerator": "cpu", "devices": 1}) == "cpu"
+    assert describe_device({"accelerator": "gpu", "devices": 2}) == "cuda:0,1"
+    assert describe_device({"accelerator": "gpu", "devices": [1, 3]}) == "cuda:1,3"
+    assert describe_device({"accelerator": "gpu", "devices": "auto"}) == "cuda:0,1,2,3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")  # a job given GPUs 6 and 7: Lightning's cuda:0 is GPU 6
+    assert describe_device({"accelerator": "auto", "devices": 1}) == "cuda:6"
+    assert describe_device({"accelerator": "auto", "devices": -1}) == "cuda:6,7"
 
 
 def test_results_json_records_environment(tmp_path):

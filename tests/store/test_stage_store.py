@@ -318,17 +318,20 @@ def test_lock_waits_for_a_holder_then_is_free_after_an_exception(tmp_path, caplo
             pass
         threading.Timer(0.3, release.set).start()
         t0 = time.monotonic()
-        with caplog.at_level("INFO", logger="kdlab.store"), StageStore(tmp_path, lock_timeout=20).lock("k", "teacher"):
+        with caplog.at_level("INFO", logger="kdlab.store"), \
+                StageStore(tmp_path, lock_timeout=20).lock("k", "teacher") as recorded:
             waited = time.monotonic() - t0
         assert waited >= 0.2, waited  # it waited for the holder instead of running alongside
+        assert waited - 0.05 <= recorded.seconds <= waited  # what the runner records as lock_wait_seconds
         assert "waiting for stage teacher (k): another process is training it" in caplog.text
+        assert f"waited {recorded.seconds:.1f} s for stage teacher (k)" in caplog.text
     finally:
         release.set()
         thread.join(10)
     with pytest.raises(RuntimeError), StageStore(tmp_path).lock("k"):
         raise RuntimeError("training failed")
-    with StageStore(tmp_path, lock_timeout=0).lock("k"):  # released by the failure: free at once
-        pass
+    with StageStore(tmp_path, lock_timeout=0).lock("k") as free:  # released by the failure: free at once
+        assert free.seconds == 0.0  # no wait recorded for a free lock
 
 
 # -- view caches on disk (kdlab/store/view_cache.py: the format; the store: where, who writes, the errors) ----------

@@ -13,14 +13,14 @@ from tests.helpers.cli import run_study
 
 
 def test_dry_run_lists_kdlab_multiruns_with_seeds_and_overrides():
-    r = run_study("fashion_mnist", "--dry-run", "--seeds", "0,5", "--", "trainer.max_epochs=1")
+    r = run_study("fashion_mnist", "--dry-run", "--seeds", "0,5", "--jobs", "1", "--", "trainer.max_epochs=1")
     assert r.returncode == 0, r.stderr
     cmds = [line for line in r.stdout.splitlines() if line.startswith("python -m kdlab ")]
     cfg = study_config.load_study("fashion_mnist")
     assert len(cmds) == len(cfg["sweeps"])
     for cmd, sw in zip(cmds, cfg["sweeps"]):
         assert cmd.startswith("python -m kdlab -m +experiment=" + ",".join(sw["experiments"]) + " seed=0,5")
-        assert cmd.endswith("logger=csv trainer.max_epochs=1")
+        assert cmd.endswith("logger=csv trainer.max_epochs=1")  # --jobs 1: the basic launcher, one at a time
     # every row of the study: alone, KD, TAKD, DGKD, sDGKD; pacemaker + direct KD; FEED + logit KD
     exps = {e for sw in cfg["sweeps"] for e in sw["experiments"]}
     assert {"baseline_fashion_mnist", "kd_fashion_mnist", "takd_fashion_mnist", "dgkd_fashion_mnist",
@@ -29,7 +29,28 @@ def test_dry_run_lists_kdlab_multiruns_with_seeds_and_overrides():
     assert cfg["seeds"] == [0, 1, 2]
 
 
+def test_sweeps_run_as_many_jobs_at_a_time_as_the_machine_allows():
+    """Default: one job per core (no GPU here; at most 8) under joblib, sized by kdlab, and the study says so;
+    --jobs chooses; a launcher after -- is the user's and kdlab adds none."""
+    from kdlab.cli.resources import MAX_CPU_JOBS, usable_cores
+
+    jobs = min(usable_cores(), MAX_CPU_JOBS)
+    r = run_study("fashion_mnist", "--dry-run", "--only", "feed")
+    assert r.returncode == 0, r.stderr
+    cmd = next(line for line in r.stdout.splitlines() if line.startswith("python -m kdlab "))
+    if jobs > 1:
+        assert cmd.endswith(f"logger=csv hydra/launcher=joblib hydra.launcher.n_jobs={jobs}")
+    assert f"; {jobs} job(s) at a time, {max(1, usable_cores() // jobs)} thread(s) each; runs under" in r.stdout
+    r = run_study("fashion_mnist", "--dry-run", "--only", "feed", "--jobs", "3")
+    assert "hydra/launcher=joblib hydra.launcher.n_jobs=3" in r.stdout
+    r = run_study("fashion_mnist", "--dry-run", "--only", "feed", "--", "hydra/launcher=submitit_local")
+    cmd = next(line for line in r.stdout.splitlines() if line.startswith("python -m kdlab "))
+    assert cmd.endswith("logger=csv hydra/launcher=submitit_local") and "joblib" not in cmd
+    assert "the launcher given after --" in r.stdout
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--jobs", "0", "--dry-run"], "jobs at a time must be a positive integer, got 0"),
     (["nope"], "unknown study 'nope'; known: capacity_gap, fashion_mnist"),
     (["--only", "plain", "--dry-run"], "--only names unknown part 'plain'; parts of study fashion_mnist: "),
     (["--seeds", "a,b", "--dry-run"], "--seeds must be comma-separated integers, got 'a,b'"),
