@@ -7,9 +7,8 @@ zoo model has: ``arch``, ``num_classes``, ``in_channels`` and ``feature_points``
 ``feature_info`` and ``prepool`` where they have a ``global_pool``). Any dotted module name taps too. In-place
 activations are switched off (a tap may hold any module's output), as in the zoo.
 
-Library weights (``model.pretrained``) and the preprocessing a model expects are the other half of this
-module: :func:`pretrained_state` (the library's weights, or a local file), :func:`load_pretrained` (checked
-key by key, one line for a mismatch) and :func:`attach_preprocess` (a parameter-free forward pre-hook that
+Library weights (``model.pretrained``; which file or download: :mod:`kdlab.models.weights`) and the preprocessing a
+model expects are the other half of this module: :func:`load_pretrained` (checked key by key, one line for a mismatch) and :func:`attach_preprocess` (a parameter-free forward pre-hook that
 turns a batch normalized for the data set into what the model expects).
 """
 from __future__ import annotations
@@ -331,38 +330,6 @@ def _library_weights(arch: str, in_channels: int) -> tuple[dict[str, torch.Tenso
             raise ConfigError(f"torchvision has no pretrained weights for {name!r}") from e
         state = weights.get_state_dict(progress=False)
     return state, state_sha256(state)
-
-
-def pretrained_state(arch: str, pretrained: Any, in_channels: int) -> tuple[dict[str, torch.Tensor], str, str]:
-    """(state_dict, sha256, where from) of ``model.pretrained``: ``true`` the library's default weights (a
-    download on first use, then the library's cache; sha256 of the state_dict), a path a local weights
-    file (sha256 of the file; for a zoo model its names mapped by :func:`kdlab.models.released.to_zoo_keys`)."""
-    if pretrained is True:
-        if not is_library_arch(arch):
-            raise ConfigError(f"model.pretrained=true needs a library model (timm/<name>, torchvision/<name>); "
-                              f"{arch!r} is a kdlab zoo model: give a weights file instead")
-        state, sha = _library_weights(arch, in_channels)
-        return state, sha, f"{split_arch(arch)[0]} weights"  # type: ignore[index]
-    from kdlab.models.released import to_zoo_keys
-    from kdlab.store.fileio import sha256_file
-
-    path = Path(str(pretrained)).expanduser()
-    state = read_weights_file(path)
-    if not is_library_arch(arch):  # a zoo model: RepDistiller's / mdistiller's names (the released teachers) too
-        state = to_zoo_keys(arch, state)
-    return state, sha256_file(path), str(path)
-
-
-def pretrained_sha256(arch: str, pretrained: Any, in_channels: int) -> str:
-    """The hash a pretrained stage's store key holds (:func:`pretrained_state`), without keeping the weights."""
-    if pretrained is True:
-        return _library_weights(arch, in_channels)[1]
-    from kdlab.store.fileio import sha256_file
-
-    path = Path(str(pretrained)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"model.pretrained {str(path)!r} does not exist or is not a file")
-    return sha256_file(path)
 
 
 def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], arch: str, where: str,

@@ -15,7 +15,8 @@ from kdlab.distill import SourceSelector
 from kdlab.distill.base import Strategy, StrategyContext
 from kdlab.errors import ConfigError
 from kdlab.models import build_model, feature_shapes
-from kdlab.models.library import attach_preprocess, is_library_arch, pretrained_sha256
+from kdlab.models.library import attach_preprocess, is_library_arch
+from kdlab.models.weights import pretrained_sha256
 from kdlab.modules import DistillModule, SourceBank, SupervisedModule
 from kdlab.modules.datafree import DataFreeModule
 from kdlab.modules.selfdistill import SelfDistillModule, self_teaching_layers

@@ -14,8 +14,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from kdlab.errors import ConfigError, StoreError, TrainingError, warn
-from kdlab.models.library import load_pretrained, pretrained_state
+from kdlab.models.library import load_pretrained
 from kdlab.models.released import accuracy_warning
+from kdlab.models.weights import pretrained_state
 from kdlab.modules import DistillModule
 from kdlab.modules.datafree import DataFreeModule
 from kdlab.pipeline.assemble import (

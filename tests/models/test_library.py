@@ -147,7 +147,8 @@ def test_each_model_is_fed_its_own_normalization() -> None:
 
 
 def test_pretrained_weights_are_checked(tmp_path) -> None:
-    from kdlab.models.library import load_pretrained, pretrained_state
+    from kdlab.models.library import load_pretrained
+    from kdlab.models.weights import pretrained_state
 
     model = build_model(TIMM, 10, 3, input_size=32)
     path = tmp_path / "w.safetensors"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kdlab.errors import ConfigError
 from kdlab.models import build_model
-from kdlab.models.library import load_pretrained, pretrained_state
+from kdlab.models.library import load_pretrained
 from kdlab.models.released import (
     RELEASED,
     TOLERANCE,
@@ -28,6 +28,7 @@ from kdlab.models.released import (
     released_arch,
     released_teacher_file,
 )
+from kdlab.models.weights import pretrained_state
 
 
 @pytest.fixture(autouse=True)
