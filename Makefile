@@ -60,7 +60,7 @@ study-gap: install
 study-zskd: install
 	$(PY) -m kdlab.study zskd --docs $(ARGS)
 
-# KD where students converge (studies/converged.yaml, ~1.5 h on a 2-core CPU): tables, gain-vs-gap, README block
+# KD where students converge (studies/converged.yaml, 1.5-2 h on a 2-core CPU): tables, gain-vs-gap, README block
 study-converged: install
 	$(PY) -m kdlab.study converged --docs $(ARGS)
 

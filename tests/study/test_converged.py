@@ -9,6 +9,7 @@ from kdlab.pipeline import build_stages
 from kdlab.study import config as study_config
 from kdlab.study import tables as study_tables
 from tests.helpers.cli import ROOT
+from tests.helpers.config import stage_keys
 
 METHODS = ["alone", "kd", "takd", "dgkd", "sdgkd"]
 TEMPERATURES = [1, 2, 8, 20]  # T = 4 is conv_kd_fashion_mnist itself (conf/distill/kd.yaml)
@@ -71,15 +72,22 @@ def test_each_recipe_builds_converged_stages_with_the_teacher_and_tas_pinned(com
     assert (student.stochastic or {}).get("mode", "none") == ("drop_k" if method == "sdgkd" else "none")
 
 
-def test_the_tas_are_shared_by_both_widths_and_every_seed(compose):
-    """One teacher and one TA chain for the whole study: the stage specs of teacher and TAs do not depend on the
-    student's width or the run's seed (their store keys are pinned by tests/pipeline/test_stage_keys.py)."""
-    def upstream(*over):
-        return [(s.name, s.arch, s.seed, s.sources) for s in build_stages(compose(*over))[:-1]]
+def test_one_teacher_and_one_ta_chain_per_method_for_the_whole_study(compose):
+    """The store keys of the teacher and the TAs do not depend on the student's width, the run's seed or KD's
+    temperature (each is trained once for the whole study); stochastic DGKD's TAs are DGKD's, TAKD's its own."""
+    def keys(method, *over):
+        return stage_keys(compose(f"+experiment={recipe(method)}", *over, "trainer.precision=32-true"))
 
-    a = upstream(f"+experiment={recipe('dgkd')}", "gap.width=1.0", "seed=0")
-    assert a == upstream(f"+experiment={recipe('dgkd')}", "gap.width=0.5", "seed=4")
-    assert a == upstream(f"+experiment={recipe('sdgkd')}", "gap.width=0.5", "seed=2")
+    dgkd = keys("dgkd", "gap.width=1.0", "seed=0")
+    for other in (keys("dgkd", "gap.width=0.5", "seed=4"), keys("sdgkd", "gap.width=0.5", "seed=2")):
+        assert {k: other[k] for k in ("teacher", "ta1", "ta2")} == {k: dgkd[k] for k in ("teacher", "ta1", "ta2")}
+        assert other["student"] != dgkd["student"]
+    takd = keys("takd", "gap.width=0.5", "seed=1")
+    assert takd["teacher"] == dgkd["teacher"] and takd["ta1"] != dgkd["ta1"] and takd["ta2"] != dgkd["ta2"]
+    assert keys("takd", "gap.width=1.0", "seed=3")["ta2"] == takd["ta2"]
+    kd = [keys("kd", f"gap.width={w}", f"seed={s}", f"distill.temperature={t}") for w, s, t in
+          ((1.0, 0, 4), (0.5, 3, 20), (1.0, 4, 1))]
+    assert {k["teacher"] for k in kd} == {dgkd["teacher"]} and len({k["student"] for k in kd}) == 3
 
 
 def test_the_temperature_sweep_rows_have_their_own_names_and_temperatures(compose):
