@@ -57,12 +57,14 @@ def test_the_zskd_study_runs_every_row_it_names_with_the_papers_models():
     study = study_config.load_study("zskd")
     assert study["published"]["part"] == "zskd" and len(study["seeds"]) >= 5
     named = {r["experiment"] for r in study["published"]["rows"] if r.get("experiment")}
-    assert named == {"zskd_alone_fashion_mnist", "zskd_kd_fashion_mnist", "zskd_dafl_fashion_mnist"}
+    assert named == {"zskd_alone_fashion_mnist", "zskd_kd_fashion_mnist", "zskd_kd_ce_fashion_mnist",
+                     "zskd_dafl_fashion_mnist"}
 
 
 @pytest.mark.parametrize(("recipe", "arches", "method"), [
     ("zskd_alone_fashion_mnist", ["lenet5_half_conv"], "ce"),
     ("zskd_kd_fashion_mnist", ["lenet5", "lenet5_half_conv"], "kd"),
+    ("zskd_kd_ce_fashion_mnist", ["lenet5", "lenet5_half_conv"], "kd"),
     ("zskd_dafl_fashion_mnist", ["lenet5", "lenet5_half_conv"], "dafl")])
 def test_the_zskd_recipes_train_the_papers_models_and_share_one_teacher(compose, recipe, arches, method):
     cfg = compose(f"+experiment=zskd/{recipe}", "seed=3")
@@ -70,8 +72,9 @@ def test_the_zskd_recipes_train_the_papers_models_and_share_one_teacher(compose,
     assert [s.model["arch"] for s in specs] == arches and specs[-1].distill["strategy"] == method
     assert specs[-1].seed == 3 and (len(specs) == 1 or specs[0].seed == 0)  # one teacher for every seed
     assert cfg["data"]["subset"] is None and cfg["optimizer"]["_target_"] == "torch.optim.Adam"
-    if method == "kd":  # the paper's tau, soft targets only
-        assert (specs[-1].distill["temperature"], specs[-1].distill["lam"]) == (20.0, 1.0)
+    if method == "kd":  # the paper's tau; soft targets only, or half the labels' CE (the sensitivity row)
+        lam = 0.5 if "_ce_" in recipe else 1.0
+        assert (specs[-1].distill["temperature"], specs[-1].distill["lam"]) == (20.0, lam)
 
 
 def test_a_published_row_must_name_a_run_of_its_part_or_say_why_not(tmp_path):
