@@ -53,7 +53,7 @@ def test_the_keys_a_group_shares_are_not_one_of_its_options(group, known, check)
 
 def test_the_studies_are_not_hydra_configs(check):
     assert not (CONF_DIR / "study").exists()
-    assert sorted(p.stem for p in STUDY_DIR.glob("*.yaml")) == ["capacity_gap", "fashion_mnist"]
+    assert sorted(p.stem for p in STUDY_DIR.glob("*.yaml")) == ["capacity_gap", "converged", "fashion_mnist", "zskd"]
     with pytest.raises(ConfigError, match="study"):
         check("study=capacity_gap")
 
@@ -64,7 +64,7 @@ def test_a_studys_own_parts_live_in_its_folder():
     studies = {p.stem: OmegaConf.to_container(OmegaConf.load(p), resolve=True) for p in STUDY_DIR.glob("*.yaml")}
     swept = {name: {e for sw in s["sweeps"] for e in sw["experiments"]} for name, s in studies.items()}
     folders = sorted(p.name for p in (CONF_DIR / "experiment").iterdir() if p.is_dir())
-    assert folders == ["capacity_gap", "fashion_mnist"]
+    assert folders == ["capacity_gap", "converged", "fashion_mnist", "zskd"]
     for folder in folders:
         assert folder in studies, f"conf/experiment/{folder}/ is not a study's (no studies/{folder}.yaml)"
         parts = [n for n in experiment_names() if n.startswith(folder + "/")]

@@ -106,7 +106,8 @@ def render_html(rows: list[dict], runs: list[dict], by: Sequence[str], images: d
         parts.append(html_table(head, body, n_keys=len(by) + ("protocol" not in by)))
     captions = {"chain": "Test accuracy of every stage along the chain (mean ± std over runs).",
                 "student": "Student test accuracy per group (best-on-val and last epoch; error bars: std).",
-                "val_curves": "Validation accuracy per epoch, per stage (thin: runs, thick: group mean).",
+                "val_curves": "Validation accuracy per epoch, per stage (thin: runs, thick: group mean); where the runs "
+                              "recorded it, the training accuracy dashed beside it.",
                 "paired": "Paired differences of the student's test accuracy (runs sharing a seed): mean and 95% "
                           "Student-t interval; x: each seed's difference. Unpaired rows (orange) compare means."}
     if images:

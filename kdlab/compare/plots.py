@@ -78,36 +78,52 @@ def plot_student(rows: list[dict]) -> bytes:
     return _png(fig)
 
 
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    """The epoch-wise mean of runs' curves (a shorter run stops counting after its last epoch)."""
+    length = max(map(len, curves))
+    return [sum(c[e] for c in curves if len(c) > e) / sum(len(c) > e for c in curves) for e in range(length)]
+
+
 def plot_val_curves(rows: list[dict], order: list[str]) -> bytes:
-    """Validation accuracy per epoch, one panel per stage; thin lines are runs, thick lines group means."""
+    """Validation accuracy per epoch, one panel per stage (PNG of :func:`curves_figure`)."""
+    return _png(curves_figure(rows, order))
+
+
+def curves_figure(rows: list[dict], order: list[str]) -> Figure:
+    """Validation accuracy per epoch, one panel per stage; thin lines are runs, thick lines group means. Where
+    the runs recorded it (``train_curve``), the training accuracy is drawn dashed beside it, in the group's
+    colour: a stage fits its training split where the dashed line runs above the solid one."""
     order = [n for n in order if any(c for r in rows for c in r["val_curves"].get(n, []))]
     if not order:
         fig = Figure(figsize=(6, 2))
         fig.text(0.5, 0.5, "no validation curves in these runs", ha="center", va="center")
-        return _png(fig)
+        return fig
     cols = min(3, len(order))
     nrows = math.ceil(len(order) / cols)
     fig = Figure(figsize=(4.4 * cols, 3.3 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax, name in zip(axes, order):
+        any_train = False
         for r, color in zip(rows, _colors(len(rows))):
-            curves = [c for c in r["val_curves"].get(name, []) if c]
-            for c in curves:
-                ax.plot(range(1, len(c) + 1), [v * 100 for v in c], color=color, alpha=0.3, lw=0.8)
-            if curves:
-                length = max(map(len, curves))
-                mean = [sum(c[e] for c in curves if len(c) > e) / sum(len(c) > e for c in curves)
-                        for e in range(length)]
-                ax.plot(range(1, length + 1), [v * 100 for v in mean], color=color, lw=2, label=r["group"])
+            for key, style in (("val_curves", "-"), ("train_curves", "--")):
+                curves = [c for c in (r.get(key) or {}).get(name, []) if c]
+                for c in curves:
+                    ax.plot(range(1, len(c) + 1), [v * 100 for v in c], color=color, alpha=0.3, lw=0.8, ls=style)
+                if curves:
+                    mean = _mean_curve(curves)
+                    train = key == "train_curves"
+                    any_train |= train
+                    ax.plot(range(1, len(mean) + 1), [v * 100 for v in mean], color=color, lw=2, ls=style,
+                            label=f"{r['group']} (train)" if train else r["group"])
         ax.set_title(name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("val accuracy (%)")
+        ax.set_ylabel("accuracy (%): val solid, train dashed" if any_train else "val accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(order):]:
         ax.set_visible(False)
-    return _png(fig)
+    return fig
 
 
 def make_plots(rows: list[dict], order: list[str]) -> dict[str, bytes]:

@@ -154,6 +154,12 @@ def hashable(v: object) -> object:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
 
 
+def train_curve(stage: dict) -> list[float]:
+    """A stage's per-epoch training accuracy (``train_curve``; [] for a stage recorded without one)."""
+    curve = stage.get("train_curve")
+    return [float(v) for v in curve if is_number(v)] if isinstance(curve, list) else []
+
+
 def val_curve(stage: dict, run_dir: str | None = None) -> list[float]:
     """A stage's per-epoch evaluation: ``val_curve``, its ``test_curve`` where it has no validation split
     (protocol=reference), else its Lightning CSV log."""
@@ -319,9 +325,11 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
         row["student_bits"] = ", ".join(f"W{w} A{a}" for w, a in sorted(bits)) or None
         row["wall_seconds_mean"] = stats(r.get("wall_seconds") for r in done)["mean"]
         curves: dict[str, list[list[float]]] = {}
+        train_curves: dict[str, list[list[float]]] = {}
         for r in done:
             for s in r.get("stages") or []:
                 curves.setdefault(str(s.get("name")), []).append(val_curve(s, r.get("_dir")))
+                train_curves.setdefault(str(s.get("name")), []).append(train_curve(s))
         student_curves = [val_curve(s, r.get("_dir")) for r, s in zip(done, students)]
         fl = stats(val_fluctuation(c, last_k) for c in student_curves)
         row.update(val_fluct_mean=fl["mean"], val_fluct_std=fl["std"], val_fluct_max=fl["max"],
@@ -336,6 +344,7 @@ def aggregate(runs: list[dict], by: Sequence[str] = DEFAULT_BY, last_k: int = DE
                                    "n": acc["n"], "params": st[0].get("params"), "ece_mean": ece["mean"],
                                    "ece_std": ece["std"]}
         row["val_curves"] = curves
+        row["train_curves"] = train_curves
         row["generated_grids"] = [g["path"] for r in done for g in generated_grids(r) if g["path"]]
         rows.append(row)
     return rows

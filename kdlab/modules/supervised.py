@@ -54,6 +54,10 @@ class SupervisedModule(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.val_curve: list[float] = []  # the per-epoch evaluation's accuracy (on the test split: see eval_names)
+        # the per-epoch training accuracy and loss (the epoch means of train/acc and train/loss, as logged), to
+        # show beside val_curve whether a stage fits its training split; a module that logs no train/acc has none
+        self.train_curve: list[float] = []
+        self.train_loss_curve: list[float] = []
         # its metric names; without a validation split the loop runs on the test split and is logged as such
         # (kdlab.pipeline.protocol.TEST_NAMES), so that nothing reading val/acc reads the test split
         self.eval_names = {"loss": "val/loss", "acc": "val/acc", "acc_best": "val/acc_best"}
@@ -138,6 +142,12 @@ class SupervisedModule(pl.LightningModule):
             for name, (total, count) in self._epoch_sums.items():
                 self.log(name, total / max(count, 1), on_step=False, on_epoch=True, prog_bar=name == "train/loss",
                          batch_size=1, sync_dist=True)
+            for name, curve in (("train/acc", self.train_curve), ("train/loss", self.train_loss_curve)):
+                if name in self._epoch_sums:  # the mean over ranks, as sync_dist logs it (identity on one device)
+                    total, count = self._epoch_sums[name]
+                    curve.append(float(self.trainer.strategy.reduce(torch.as_tensor(total / max(count, 1),
+                                                                                    device=self.device),
+                                                                    reduce_op="mean")))
             self._epoch_sums = {}
 
     def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
@@ -227,10 +237,14 @@ class SupervisedModule(pl.LightningModule):
     # -- resume state -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["kdlab_val_curve"] = list(self.val_curve)
+        checkpoint["kdlab_train_curve"] = list(self.train_curve)
+        checkpoint["kdlab_train_loss_curve"] = list(self.train_loss_curve)
         checkpoint["kdlab_samples_seen"] = int(self.samples_seen)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_curve = [float(v) for v in checkpoint.get("kdlab_val_curve", [])]
+        self.train_curve = [float(v) for v in checkpoint.get("kdlab_train_curve", [])]
+        self.train_loss_curve = [float(v) for v in checkpoint.get("kdlab_train_loss_curve", [])]
         self.samples_seen = int(checkpoint.get("kdlab_samples_seen", 0))
         if self.val_curve:
             self.val_acc_best.update(torch.tensor(max(self.val_curve)))

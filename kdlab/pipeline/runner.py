@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = 1
 STAGE_FIELDS = ("params", "epochs", "best_epoch", "val_acc", "test_acc", "test_acc_last", "train_seconds",
-                "samples_per_second", "val_curve", "extra_params", "stage_seconds")
+                "samples_per_second", "val_curve", "train_curve", "train_loss_curve", "extra_params", "stage_seconds")
 # data-free stages (DAFL): test_acc is the last epoch's, the best-on-val epoch's numbers are labelled;
 # pretrained: an imported library (or weights-file) stage, evaluated as it is, never trained; without a
 # validation split (protocol=reference) the per-epoch test curve, its best epoch and accuracy (named so: chosen on

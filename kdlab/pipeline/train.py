@@ -72,6 +72,10 @@ class StageOutcome:
     extra_params: int = 0
     train_seconds: float = 0.0
     samples_per_second: float | None = None
+    #: per-epoch train/acc and train/loss (epoch means over the training batches, augmented as trained); None
+    #: for a stage not trained here (imported) or a module that logs no train/acc (data-free)
+    train_curve: list[float] | None = None
+    train_loss_curve: list[float] | None = None
     #: what applies to some stages only (data_free, test_acc_best_val, val_acc_best; pretrained, imported_from)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,7 +87,8 @@ class StageOutcome:
             "params": self.params, "extra_params": self.extra_params, "epochs": self.epochs,
             "best_epoch": self.best_epoch, "val_acc": self.val_acc, "test_acc": self.test_acc,
             "test_acc_last": self.test_acc_last, "train_seconds": self.train_seconds,
-            "samples_per_second": self.samples_per_second, "val_curve": self.val_curve, "description": description,
+            "samples_per_second": self.samples_per_second, "val_curve": self.val_curve, "train_curve": self.train_curve,
+            "train_loss_curve": self.train_loss_curve, "description": description,
             "stage_seconds": round(stage_seconds, 3), **self.extra,
         }
 
@@ -195,7 +200,8 @@ def train_stage(spec: StageSpec, key: str, sources: dict[str, tuple[StageSpec, S
         val_acc=acc.pop("val_acc"), test_acc=acc.pop("test_acc"), test_acc_last=acc.pop("test_acc_last"),
         train_seconds=round(train_seconds, 3),
         samples_per_second=round(module.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
-        val_curve=acc.pop("val_curve"), extra=acc)
+        val_curve=acc.pop("val_curve"), train_curve=list(module.train_curve) or None,
+        train_loss_curve=list(module.train_loss_curve) or None, extra=acc)
     record = commit_stage(spec, key, ctx, description, last_state if keep == "last" else best_state, outcome,
                           t_stage, test_outputs)
     csv_log = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)

@@ -163,6 +163,34 @@ def test_csv_log_fallback(tmp_path):
     assert compare_runs.val_curve({"val_curve": [0.1, 0.2]}) == [0.1, 0.2]
 
 
+def test_curve_plot_draws_train_curves_dashed_beside_val_curves():
+    """A stage with a train_curve gets dashed lines (each run's and the group mean) beside its solid val lines;
+    a stage recorded without one (an older store entry) only its val lines."""
+    from kdlab.compare.plots import curves_figure, plot_val_curves
+
+    train = {0: [0.50, 0.70, 0.90], 1: [0.60, 0.80, 1.00]}
+    runs = []
+    for seed in (0, 1):
+        r = results_for("kd", seed)
+        r["stages"][-1]["train_curve"] = train[seed]  # the student has one, the teacher and TA none
+        r["_dir"] = None
+        runs.append(r)
+    rows = compare_runs.aggregate(runs, ["method"])
+    assert rows[0]["train_curves"]["student"] == [train[0], train[1]]
+    assert rows[0]["train_curves"]["teacher"] == [[], []]
+    fig = curves_figure(rows, ["teacher", "ta1", "student"])
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    dashed = [ln for ln in panels["student"].get_lines() if ln.get_linestyle() == "--"]
+    solid = [ln for ln in panels["student"].get_lines() if ln.get_linestyle() == "-"]
+    want = [[v * 100 for v in train[0]], [v * 100 for v in train[1]], [55.0, 75.0, 95.0]]  # runs, then the mean
+    assert [list(ln.get_ydata()) for ln in dashed] == [pytest.approx(w) for w in want]
+    assert [ln.get_label() for ln in dashed][-1] == "kd (train)"
+    assert len(solid) == 3 and list(solid[0].get_ydata()) == pytest.approx([v * 100 for v in STUDENT[("kd", 0)][2]])
+    assert "train dashed" in panels["student"].get_ylabel()
+    assert not [ln for ln in panels["teacher"].get_lines() if ln.get_linestyle() == "--"]
+    assert plot_val_curves(rows, ["student"]).startswith(PNG_MAGIC)
+
+
 def test_outputs_csv_html_png(sweep, tmp_path, capsys):
     out = tmp_path / "report"
     assert compare.main([str(sweep), "--out", str(out), "--last-k", "4"]) == 0

@@ -82,6 +82,8 @@ def test_ddp_two_cpu_processes_run_a_three_stage_pipeline(tmp_path):
         assert s_ddp["test_acc"] > 0.4, (s_one, s_ddp)  # learned (10 classes: chance is 0.1)
         assert abs(s_ddp["test_acc"] - s_one["test_acc"]) < 0.2, (s_one["name"], s_one["test_acc"], s_ddp["test_acc"])
     assert len(res["stages"][-1]["val_curve"]) == 2
+    # the training curve is the mean over both ranks' batches (one value per epoch, as sync_dist logs it)
+    assert len(res["stages"][-1]["train_curve"]) == 2 and all(0 <= v <= 1 for v in res["stages"][-1]["train_curve"])
 
     # the other rank exits with rank 0
     t0 = time.monotonic()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 
 import pytest
@@ -140,6 +141,13 @@ def test_cli_three_stage_pipeline_then_cache_then_student_only(tmp_path):
         assert s["params"] == count_params(build_model(s["arch"], 10, in_channels=1, input_size=28)), s
         assert len(s["val_curve"]) == 2 and s["val_acc"] == pytest.approx(max(s["val_curve"]))
         assert (tmp_path / "run1" / "csv" / s["name"] / "metrics.csv").exists()
+        # the training curves: one epoch mean per epoch, the values Lightning's CSV logger wrote for the epoch
+        assert len(s["train_curve"]) == s["epochs"] and all(0.0 <= v <= 1.0 for v in s["train_curve"])
+        assert len(s["train_loss_curve"]) == s["epochs"] and all(v > 0.0 for v in s["train_loss_curve"])
+        with open(tmp_path / "run1" / "csv" / s["name"] / "metrics.csv", newline="") as fh:
+            logged = [row for row in csv.DictReader(fh) if row.get("train/acc")]
+        assert [float(row["train/acc"]) for row in logged] == pytest.approx(s["train_curve"], abs=1e-6)
+        assert [float(row["train/loss"]) for row in logged] == pytest.approx(s["train_loss_curve"], rel=1e-5)
     assert res["stages"][0]["params"] > res["stages"][2]["params"]
     assert res["final"]["stage"] == "student"
     assert res["final"]["test_acc"] == res["stages"][-1]["test_acc"]

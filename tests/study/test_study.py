@@ -51,7 +51,7 @@ def test_sweeps_run_as_many_jobs_at_a_time_as_the_machine_allows():
 
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "0", "--dry-run"], "jobs at a time must be a positive integer, got 0"),
-    (["nope"], "unknown study 'nope'; known: capacity_gap, fashion_mnist"),
+    (["nope"], "unknown study 'nope'; known: " + ", ".join(study_config.known_studies())),
     (["--only", "plain", "--dry-run"], "--only names unknown part 'plain'; parts of study fashion_mnist: "),
     (["--seeds", "a,b", "--dry-run"], "--seeds must be comma-separated integers, got 'a,b'"),
 ])
