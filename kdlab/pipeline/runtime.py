@@ -12,31 +12,18 @@ from kdlab.pipeline.context import RunContext
 
 
 def resolve_precision(precision: Any, device: torch.device) -> Any:
-    """``auto``: the fastest measured on each accelerator (benchmarks/bench_knobs.py): bf16-mixed on a GPU that
-    supports bf16 and on a CPU with bf16 in hardware (AVX512-BF16 / AMX), fp32 elsewhere."""
+    """``auto``: bf16-mixed on a GPU that supports bf16 (the measured fastest there), fp32 on every CPU.
+
+    On CPUs fp32 is the default for numbers a newcomer can check (README, "The default run"): bf16-mixed resolves
+    to different kernels on an AMX Xeon, an AVX512-BF16 EPYC and a CPU that emulates it, so the same command gave
+    the same store key but other weights per CPU model (the README's teacher 89.02 % on a Xeon, 90.00 % on an
+    EPYC). fp32 is one configuration on every x86 CPU, at a measured cost (docs/performance.md, "Precision on
+    CPUs"); ``trainer.precision=bf16-mixed`` keeps the speed where live sources dominate."""
     if str(precision) != "auto":
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
-    # On the AMX Xeon of these machines, measured on a quiet machine: bf16-mixed 2.0-2.8x the fp32 samples/s
-    # of a student stage with four live sources, 1.2-1.7x of the student alone, `make run` 96 s instead of
-    # 159 s with the final student's test accuracy within 0.2 points. Without bf16 hardware it is emulated
-    # (slower than fp32), so those CPUs keep fp32.
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16-mixed"
     return "32-true"
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls/convolutions in hardware."""
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # noqa: BLE001, S112 - a private probe that may change: then fp32 by default
-            continue
-    return False
 
 
 def compute_device(ctx: RunContext) -> torch.device:

@@ -210,21 +210,18 @@ def test_per_stage_seed_fixes_one_stage():
 
 @pytest.mark.slow  # 15-30 s of CLI runs: in make test-slow (CI runs both)
 def test_store_key_holds_the_resolved_precision(tmp_path):
-    """trainer.precision=auto is keyed by what it resolves to here: fp32 weights are never reused for a bf16
-    run (or the reverse), and auto reuses the stage of the explicit precision it stands for."""
-    from kdlab.pipeline.runtime import cpu_has_native_bf16
-
+    """trainer.precision=auto is keyed by what it resolves to here (fp32 on a CPU): auto reuses the stage of the
+    explicit precision it stands for, and fp32 weights are never reused for a bf16 run."""
     args = ["pipeline=single", "distill=none", "model=plain2", "data.n_train=320", "data.n_test=100",
             "trainer.max_epochs=1"]
     r = run_kdlab([*args, "trainer.precision=32-true"], tmp_path, tmp_path / "fp32")
     assert r.returncode == 0, r.stderr
     r = run_kdlab(args, tmp_path, tmp_path / "auto")  # precision: auto
     assert r.returncode == 0, r.stderr
-    auto = read_results(tmp_path / "auto")["stages"][0]
-    assert auto["cached"] is (not cpu_has_native_bf16())
+    assert read_results(tmp_path / "auto")["stages"][0]["cached"] is True
     r = run_kdlab([*args, "trainer.precision=bf16-mixed"], tmp_path, tmp_path / "bf16")
     assert r.returncode == 0, r.stderr
-    assert read_results(tmp_path / "bf16")["stages"][0]["cached"] is cpu_has_native_bf16()
+    assert read_results(tmp_path / "bf16")["stages"][0]["cached"] is False
 
 
 FITTED: list[tuple[str, int, str, bool]] = []  # (stage, seed, augment, views) of the data each fit got
