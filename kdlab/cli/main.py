@@ -333,10 +333,15 @@ def check_command(argv: list[str], machine: bool = True) -> None:
         except KdlabError as e:
             e.debug = debug  # type: ignore[attr-defined]  # preflight re-raises it: the traceback
             raise
-        except Exception as e:  # e.g. an interpolation that cannot resolve: one line (debug: the traceback)
-            if debug:
+        except Exception as e:  # e.g. an interpolation that cannot resolve (pair=nope): one line naming the
+            if debug:           # accepted values (debug: the traceback)
                 raise
-            raise ConfigError(_one_line(e)) from e
+
+            def node_of(parent: str, cfg: Any = cfg) -> Mapping[str, Any] | None:
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                return node if hasattr(node, "keys") else None
+
+            raise ConfigError(_explain(e, node_of)) from e
 
 
 def preflight(argv: list[str]) -> None:

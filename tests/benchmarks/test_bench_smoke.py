@@ -51,6 +51,7 @@ def _rate_matches(rate: float, samples: int, seconds: float) -> bool:
     return math.isfinite(rate) and abs(rate * seconds - samples) <= rate * 5e-4 + 0.05 * seconds + 1e-6
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_student_stage_benchmarks(bench):
     common, o = bench
     import bench_stages
@@ -93,6 +94,7 @@ def test_no_wasted_work(bench):
         assert figs[key]["ok"] is True, figs[key]
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_knobs(bench, monkeypatch):
     _, o = bench
     import bench_knobs
@@ -295,6 +297,7 @@ def test_views_benchmark(bench):
                                               "top20": 50_000 * 162 * (20 * 2 + 20 * 2 + 2)}
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_dafl_cost(bench):
     """A DAFL step against a KD step on real images of the same batch: every student stage trained (not
     reused) from one shared teacher, the DAFL one data-free with as many steps per epoch as KD has batches."""
@@ -326,6 +329,7 @@ def test_dafl_cost(bench):
         best["dafl"]["ms_per_step"] / best["kd (cached)"]["ms_per_step"], 3)
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_quant_cost(bench):
     """Quantized students (figure j): float, QAT and SPEQ stages trained (not reused) through the pipeline, the
     SPEQ / QAT ratio against its 2x target, and the implementation rows (brevitas reported even when absent)."""

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.cli import ROOT, SYNTH, kdlab_env
 
 # python -m kdlab, recording sys.modules when the process exits (after kdlab's own sys.exit)
@@ -47,6 +49,7 @@ def test_help_loads_no_lightning(tmp_path):
                 "wandb", *NOT_FOR_A_CSV_RUN} & top
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_a_csv_run_loads_nothing_beyond_torch_lightning_and_hydra(tmp_path):
     proc, mods = modules_of([*SYNTH, "pipeline=direct", "pipeline.chain=[plain2,plain2]", "trainer.max_epochs=1",
                              f"paths.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"],

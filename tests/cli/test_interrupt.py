@@ -74,6 +74,7 @@ def done_keys(store: Path) -> set[str]:
 
 
 # -- end to end ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_sigterm_during_a_stage_then_the_rerun_resumes(tmp_path):
     """SIGTERM during ta1, after its first epoch's checkpoint: exit 143, one line, results.json interrupted
     with the teacher listed; the rerun of the same command reuses the teacher and resumes ta1."""

@@ -243,6 +243,7 @@ def failing_sweep(request, tmp_path_factory) -> tuple[Path, subprocess.Completed
     return tmp / "sweep", r
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_a_failing_job_does_not_stop_the_others(failing_sweep):
     sweep, r = failing_sweep
     jobs = job_results(sweep)

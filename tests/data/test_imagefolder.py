@@ -158,6 +158,7 @@ def test_corrupt_jpeg_names_the_file(tmp_path):
     assert msg.startswith(f"cannot decode image {bad}") and "\n" not in msg, msg
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_corrupt_jpeg_in_a_run_is_one_line_exit_1(tmp_path):
     write_jpegs(tmp_path / "img", "train", {"a": 8, "b": 8})
     write_jpegs(tmp_path / "img", "val", {"a": 2, "b": 2})
@@ -174,6 +175,7 @@ def test_corrupt_jpeg_in_a_run_is_one_line_exit_1(tmp_path):
 
 
 # ---- end to end through the CLI ------------------------------------------------------------------------
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_cli_trains_a_zoo_model_on_a_jpeg_folder(folder, tmp_path):
     r = run_kdlab(["pipeline=single", "model=resnet8", "data=imagefolder", f"data.root={folder}",
                    "data.image_size=32", "data.num_workers=2", "data.batch_size=32", "trainer.max_epochs=1",

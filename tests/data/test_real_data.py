@@ -8,6 +8,7 @@ from tests.helpers.cli import FASHION_MNIST_DIR, read_results, run_kdlab
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
                     reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_real_fashion_mnist_run_beats_chance(tmp_path):
     args = ["pipeline=single", "model=plain2", "distill=none", "data=fashion_mnist", "data.subset=3000",
             "data.test_subset=2000", "data.augment=none", "trainer.max_epochs=2", "optimizer.lr=0.05",

@@ -194,6 +194,7 @@ def test_the_training_split_is_never_read(tmp_path, teacher_ckpt, monkeypatch):
     assert not np.array_equal(a, b)  # the generator was trained between the two epochs
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_same_seed_same_student_and_resume_after_a_crash(tmp_path, teacher_ckpt, monkeypatch):
     from kdlab.modules.datafree import DataFreeModule
 
@@ -260,6 +261,7 @@ def test_pipeline_data_free_needs_a_data_free_strategy():
 
 
 # -- the recipe, end to end ------------------------------------------------------------------------------------
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 @pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST is not installed")
 def test_recipe_end_to_end(tmp_path):
     r = run_kdlab(["+experiment=dafl_fashion_mnist", "data.subset=1000", "data.test_subset=200", "trainer.max_epochs=1",

@@ -345,6 +345,7 @@ def _translator_params(c_s: int, c_t: int) -> int:
     return c_s * c_t * 9 + c_t + 2 * (c_t * c_t * 9 + c_t)
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_cli_parallel_feed_with_logit_kd(tmp_path):
     run = tmp_path / "feed"
     r = run_kdlab(["+experiment=feed_parallel_fashion_mnist", *TINY, "distill.feed.logit_kd=true"],

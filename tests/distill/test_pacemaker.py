@@ -223,6 +223,7 @@ def test_cifar100_recipes():
 TINY = ["data.subset=null", "data.test_subset=null", "data.n_train=192", "data.n_test=64"]
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_cli_pacemaker_pipeline(tmp_path):
     out = tmp_path / "out"
     r = run_kdlab([PM, *TINY, "trainer.max_epochs=1"], out, tmp_path / "dense")

@@ -169,6 +169,7 @@ def test_pretrained_weights_are_checked(tmp_path) -> None:
 
 
 # -- through the CLI ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_pretrained_teacher_and_library_stages_through_the_cli(tmp_path) -> None:
     """A pretrained timm teacher (a local weights file) is imported, not trained; it teaches a torchvision
     TA, which teaches a timm TA, which teaches a zoo student; a second run reuses every stage."""

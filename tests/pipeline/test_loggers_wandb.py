@@ -95,6 +95,7 @@ def run_with_wandb(args: list[str], out: Path, run_dir: Path, home: Path) -> sub
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_one_offline_wandb_run_per_trained_stage(tmp_path):
     out = tmp_path / "out"
     r = run_with_wandb(TWO_STAGES, out, tmp_path / "run1", tmp_path / "home")

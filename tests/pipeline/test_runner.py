@@ -123,6 +123,7 @@ def test_incomplete_stage_is_not_done(tmp_path):
 
 
 # -- end to end through the CLI ----------------------------------------------------------------------
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_cli_three_stage_pipeline_then_cache_then_student_only(tmp_path):
     out = tmp_path / "out"
     args = ["pipeline.chain=[plain6,plain4,plain2]", "+experiment=dgkd_synthetic_test"]
@@ -175,6 +176,7 @@ def test_cli_three_stage_pipeline_then_cache_then_student_only(tmp_path):
     assert trained(read_results(tmp_path / "run4")) == ["ta1", "student"]
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_cli_teacher_checkpoint_is_loaded_and_checked(tmp_path):
     out = tmp_path / "out"
     from kdlab.models import build_model

@@ -53,6 +53,7 @@ def test_per_stage_augment_reaches_the_teacher_spec_only(compose):
     assert [s.seed for s in specs] == [0, 0, 0, 3]  # teacher and TAs pinned, the student has the run's seed
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_a_teacher_trained_with_crop_flip_teaches_from_the_cache(tmp_path):
     """The teacher trains on augmented batches (its own store key), the student on plain ones: the teacher's
     outputs are cached once and reused; a bad per-stage augmentation is one line, exit 2, before any training."""
@@ -135,6 +136,7 @@ def test_the_capacity_gap_study_config_loads_with_its_figure_and_own_readme_bloc
     assert all(m in readme for m in study_tables.markers("capacity-gap"))
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_tiny_capacity_gap_study_end_to_end(tmp_path):
     """Two student widths on synthetic data, two seeds, the student alone and KD: the gain-vs-gap table, CSV and
     figure are written from the runs, at x = teacher minus student alone and y = the paired gain."""
