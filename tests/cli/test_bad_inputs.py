@@ -379,6 +379,7 @@ def test_catalog_size() -> None:
     assert {c.code for c in CASES} == {1, 2}
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_growing_chain_warns_and_still_runs(tmp_path) -> None:
     """A chain whose models grow is allowed (a warning), and it runs to the end."""
     argv = cli_argv(Case("growing", ["pipeline.chain=[plain2,plain4]"], 0, []), tmp_path, tmp_path / "out")

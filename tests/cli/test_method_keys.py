@@ -15,6 +15,7 @@ LINE = "kdlab: error: distill.temperature is not read by dkd; did you mean disti
     ["distill=dkd", "distill.temperature=2,4"],  # a sweep over the key
     ["distill=kd,dkd", "distill.temperature=2"],  # a sweep over methods: the second job's does not read it
 ], ids=["sweep_over_the_key", "sweep_over_methods"])
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_a_sweep_with_a_key_the_strategy_does_not_read(args, tmp_path):
     run_dir = tmp_path / "run"
     r = run_kdlab(args, tmp_path / "out", run_dir=run_dir, multirun=True)

@@ -62,6 +62,7 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_joblib_sweep_trains_the_shared_teacher_once(joblib_sweep):
     sweep, r = joblib_sweep
     assert r.returncode == 0, r.stderr[-3000:]

@@ -123,6 +123,7 @@ def test_on_the_fly_options_from_the_command_line():
     assert {c.kernel_size for c in _convs(_model(build_stages(cfg)[-1].model))} == {(1, 5), (1, 1)}
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_unknown_pacemaker_kind_lists_known_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown pipeline.pacemaker 'huge'; known: mixed, nxn, wide"):
         build_stages(composed(PM, "pipeline.pacemaker=huge"))

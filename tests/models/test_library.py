@@ -207,6 +207,7 @@ def test_pretrained_teacher_and_library_stages_through_the_cli(tmp_path) -> None
     assert again["stages"][0]["pretrained"] is True
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_bad_library_inputs_are_one_line(tmp_path) -> None:
     from kdlab.pipeline.checks import validate_config
 

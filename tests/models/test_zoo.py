@@ -390,6 +390,7 @@ def _zoo(*args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_zoo_cli_table():
     r = _zoo("--dataset", "fashion_mnist")
     assert r.returncode == 0, r.stderr

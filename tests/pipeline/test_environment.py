@@ -131,6 +131,7 @@ def test_describe_device_names_the_gpus_a_run_uses(monkeypatch):
     assert describe_device({"accelerator": "auto", "devices": -1}) == "cuda:6,7"
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_results_json_records_environment(tmp_path):
     r = run_kdlab(["pipeline=single", "model=plain2", "distill=none", "trainer.max_epochs=1"], tmp_path / "out",
                   tmp_path / "run")

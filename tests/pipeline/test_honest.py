@@ -260,6 +260,7 @@ def test_an_option_the_stochastic_mode_ignores_is_named(capsys):
     assert "no effect" not in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_cli_warns_about_an_ignored_stochastic_option(tmp_path):
     r = run_kdlab(["+experiment=dgkd_synthetic_test", "distill.stochastic.p=0", "trainer.max_epochs=1"],
                   tmp_path / "out", tmp_path / "run")

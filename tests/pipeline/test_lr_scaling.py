@@ -58,6 +58,7 @@ def test_lr_scaling_in_the_stage_specs_and_keys():
 
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_bad_lr_scaling_is_one_line_exit_2(tmp_path):
     r = run_kdlab([*BASE, "optimizer.lr_scaling=cubic"], tmp_path / "out", tmp_path / "run", synth=False)
     assert r.returncode == 2, r.stderr[-2000:]

@@ -29,6 +29,7 @@ def test_dry_run_lists_kdlab_multiruns_with_seeds_and_overrides():
     assert cfg["seeds"] == [0, 1, 2]
 
 
+@pytest.mark.slow  # a long CLI run: in make test-slow (CI runs both)
 def test_sweeps_run_as_many_jobs_at_a_time_as_the_machine_allows():
     """Default: one job per core (no GPU here; at most 8) under joblib, sized by kdlab, and the study says so;
     --jobs chooses; a launcher after -- is the user's and kdlab adds none."""
