@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kdlab.config_tree import ROOT
+from kdlab.errors import ConfigError
 
 EXPECTED = ROOT / "docs" / "results" / "default_run.json"
 
@@ -67,7 +68,7 @@ def write(sweep_dir: Path, machine: str, tolerance_pp: float, path: Path = EXPEC
             precision = resolve_precision(precision, torch.device("cpu"))
         meta = {"experiment": r["experiment"], "precision": str(precision)}
     if not seeds:
-        raise SystemExit(f"kdlab.cli.expected: error: no completed run under {sweep_dir}")
+        raise ConfigError(f"no completed run under {sweep_dir} (a sweep directory of the default run: */results.json)")
     out = {**meta, "machine": machine, "tolerance_pp": tolerance_pp, "seeds": dict(sorted(seeds.items()))}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
@@ -80,7 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--machine", required=True, help="the CPU the README's figures were measured on")
     p.add_argument("--tolerance-pp", type=float, required=True, help="the measured spread across CPUs, in pp")
     a = p.parse_args(argv)
-    out = write(a.write, a.machine, a.tolerance_pp)
+    try:
+        out = write(a.write, a.machine, a.tolerance_pp)
+    except ConfigError as e:
+        from kdlab.cli.report import report_error
+
+        return report_error("kdlab.cli.expected", e)
     print(f"wrote {EXPECTED}: seeds {', '.join(out['seeds'])}")
     return 0
 

@@ -50,3 +50,9 @@ def test_the_shipped_figures_name_their_machine_precision_and_tolerance():
     for seed, fig in shipped["seeds"].items():  # the README's table shows the same figures
         assert f"| {seed} | {100 * fig['test_acc']:.2f} / {100 * fig['test_acc_last']:.2f} |" in readme, seed
     assert f"±{shipped['tolerance_pp']:g} pp" in readme
+
+
+def test_writing_from_a_directory_without_runs_is_one_line_exit_2(tmp_path, capsys):
+    assert expected.main(["--write", str(tmp_path), "--machine", "m", "--tolerance-pp", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdlab.cli.expected: error: no completed run under")
