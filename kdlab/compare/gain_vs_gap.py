@@ -79,6 +79,17 @@ def markdown(pts: list[dict], cfg: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the figure's y axis turns symmetric-logarithmic when some gain or interval end lies beyond WIDE_PP, linear
+#: within ±SYMLOG_LINEAR_PP (where the methods that did not diverge lie)
+WIDE_PP, SYMLOG_LINEAR_PP = 10.0, 2.0
+
+
+def y_scale(pts: list[dict]) -> str:
+    """``"symlog"`` when a gain or an end of its interval is more than WIDE_PP points from 0, else ``"linear"``."""
+    ends = [100 * abs(p[k]) for p in pts for k in ("gain", "ci_t_low", "ci_t_high") if p.get(k) is not None]
+    return "symlog" if ends and max(ends) > WIDE_PP else "linear"
+
+
 def plot(pts: list[dict], cfg: dict[str, Any]) -> bytes:
     """x: the gap (pp), y: each method's paired gain over the student alone (pp) with its 95 % t interval."""
     import matplotlib
@@ -100,7 +111,14 @@ def plot(pts: list[dict], cfg: dict[str, Any]) -> bytes:
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label(cfg, m), color=f"C{i}")
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xlabel("capacity gap: teacher minus student-alone test accuracy (pp)")
-    ax.set_ylabel("paired gain over the student alone (pp)")
+    ylabel = "paired gain over the student alone (pp)"
+    if y_scale(pts) == "symlog":  # one method far off (a student that diverged) would flatten every other onto 0
+        ax.set_yscale("symlog", linthresh=SYMLOG_LINEAR_PP, linscale=1)
+        lo, hi = ax.get_ylim()
+        ticks = [v for v in (-100, -50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100) if lo <= v <= hi]
+        ax.set_yticks(ticks, [f"{v:+g}" if v else "0" for v in ticks])
+        ylabel += f"\nlinear within ±{SYMLOG_LINEAR_PP:g}, logarithmic beyond"
+    ax.set_ylabel(ylabel, fontsize=9)
     title = str(cfg.get("title") or "gain vs gap")
     ax.set_title(textwrap.fill(f"{title} (mean over seeds, 95% t interval)", 90), fontsize=9)
     ax.legend(fontsize=8)

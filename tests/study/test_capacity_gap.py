@@ -120,6 +120,11 @@ def test_gain_vs_gap_points_are_the_paired_gains_at_teacher_minus_alone(tmp_path
     assert written[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(written[0].open()))
     assert [r["method"] for r in rows] == ["kd", "dgkd", "kd", "dgkd"] and float(rows[2]["gap"]) == pytest.approx(0.12)
+    assert gain_vs_gap.y_scale(pts) == "linear"  # gains of 1-6 pp: a linear axis
+    # a method whose students diverged (-35 pp) turns the axis symmetric-logarithmic; the figure is still drawn
+    pts[1] = {**pts[1], "gain": -0.35, "ci_t_low": -0.80, "ci_t_high": 0.10}
+    assert gain_vs_gap.y_scale(pts) == "symlog"
+    assert gain_vs_gap.plot(pts, cfg)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_capacity_gap_study_config_loads_with_its_figure_and_own_readme_block():
