@@ -52,6 +52,15 @@ def load_study(name: str) -> dict:
                 raise ConfigError(f"study {name}: published row {row['label']!r} names experiment "
                                   f"{row['experiment']!r}, which part {pub['part']} does not run; it runs "
                                   f"{', '.join(sorted(ran))}")
+    curves = cfg.get("curves")
+    if curves is not None:  # the convergence figure (kdlab/study/curves.py): experiments the study runs
+        ran = {e.rsplit("/", 1)[-1] for sw in cfg["sweeps"] for e in sw["experiments"]}
+        if not isinstance(curves, dict) or not isinstance(curves.get("experiments"), list):
+            raise ConfigError(f"study {name}: 'curves' needs an 'experiments' list")
+        for e in curves["experiments"]:
+            if e not in ran:
+                raise ConfigError(f"study {name}: curves experiment {e!r} is not run by the study; it runs "
+                                  f"{', '.join(sorted(ran))}")
     cfg.setdefault("seeds", [0, 1, 2])
     cfg.setdefault("overrides", [])
     cfg.setdefault("by", "experiment")

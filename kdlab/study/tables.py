@@ -199,6 +199,21 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
             figure = f"\n![gain vs gap]({link})\n" if not a.no_plots else ""
             text = f"#### {cfg.get('title', 'Gain vs gap')}\n\n{cfg.get('note', '')}\n\n"
             blocks.insert(0, ("gain_vs_gap", text + gain_vs_gap.markdown(pts, cfg) + figure))
+    if study.get("curves") and not a.no_plots:  # the convergence figure (kdlab/study/curves.py)
+        from kdlab.study import curves
+
+        cfg = {**study["curves"], "parts": {p: m.get("title", p) for p, m in study["parts"].items()}}
+        data = curves.series(collected, cfg)
+        if data:
+            (out / "curves.png").write_bytes(curves.plot(data, cfg))
+            print(f"wrote {out / 'curves.png'}")
+            fig = (out / "curves.png").resolve()
+            docs_root = ROOT / "docs"
+            link = fig.relative_to(docs_root).as_posix() if fig.is_relative_to(docs_root) else "curves.png"
+            at = 1 if blocks and blocks[0][0] == "gain_vs_gap" else 0
+            text = (f"#### {cfg.get('title', 'Training and validation curves')}\n\n{cfg.get('note', '')}\n\n"
+                    f"![training and validation curves]({link})\n")
+            blocks.insert(at, ("curves", text))
     if study.get("published"):  # a paper's table beside kdlab's reproduction (kdlab/study/published.py)
         from kdlab.study import published
 
@@ -223,8 +238,12 @@ def publish(study: dict, record: dict, out: Path, a: argparse.Namespace) -> None
         shown = study.get("readme_parts") or [p for p, _ in blocks]
         rest = [p for p, _ in blocks if p not in shown]
         docs = docs_dir(study).relative_to(ROOT).as_posix()
-        block = header + "\n".join(b.replace("](" + f"{docs}/gain_vs_gap.png".removeprefix("docs/") + ")",
-                                             f"]({docs}/gain_vs_gap.png)") for p, b in blocks if p in shown)
+        def readme_links(b: str) -> str:  # the figures as the README (at the repo root) sees them
+            for png in ("gain_vs_gap.png", "curves.png"):
+                b = b.replace("](" + f"{docs}/{png}".removeprefix("docs/") + ")", f"]({docs}/{png})")
+            return b
+
+        block = header + "\n".join(readme_links(b) for p, b in blocks if p in shown)
         if rest:
             block += (f"\nThe tables of the other parts ({', '.join(rest)}), with the same columns: "
                       f"[{docs}/results.md]({docs}/results.md).\n")

@@ -11,7 +11,7 @@ from kdlab.study import tables as study_tables
 from tests.helpers.cli import ROOT
 from tests.helpers.config import stage_keys
 
-METHODS = ["alone", "kd", "takd", "dgkd", "sdgkd"]
+METHODS = ["alone", "kd", "takd", "dgkd", "sdgkd", "dgkd_mean"]
 TEMPERATURES = [1, 2, 8, 20]  # T = 4 is conv_kd_fashion_mnist itself (conf/distill/kd.yaml)
 TA_CHAIN = [("teacher", "resnet8", {}), ("ta1", "plain6", {"width_mult": 0.5}), ("ta2", "plain4", {"width_mult": 0.5})]
 
@@ -40,7 +40,8 @@ def test_the_converged_study_loads_with_two_widths_every_method_and_its_own_read
         assert meta["baseline"] == "conv_alone_fashion_mnist"
         assert {b for _, b in meta["pairs"]} <= rows and {a for a, _ in meta["pairs"]} <= rows
     gvg = cfg["gain_vs_gap"]
-    assert gvg["baseline"] == "conv_alone_fashion_mnist" and len(gvg["methods"]) == 4
+    assert gvg["baseline"] == "conv_alone_fashion_mnist" and len(gvg["methods"]) == 5
+    assert set(cfg["curves"]["experiments"]) <= rows and cfg["readme_parts"] == ["gain_vs_gap", "curves"]
     readme = (ROOT / "README.md").read_text()
     assert all(m in readme for m in study_tables.markers("converged"))
 
@@ -70,6 +71,10 @@ def test_each_recipe_builds_converged_stages_with_the_teacher_and_tas_pinned(com
     if method != "alone":
         assert cfg["distill"]["cache"] == "views"  # the sources' outputs on every crop: computed once
     assert (student.stochastic or {}).get("mode", "none") == ("drop_k" if method == "sdgkd" else "none")
+    strategies = {"alone": ["ce"], "kd": ["kd"], "takd": ["kd"], "dgkd_mean": ["kd"]}.get(method, ["dgkd"])
+    assert [student.strategy_cls.name] == strategies  # DGKD averaged: KD's multi-source loss for the student
+    if method in ("dgkd", "sdgkd", "dgkd_mean"):  # their TAs are DGKD's: taught by the sum
+        assert [s.strategy_cls.name for s in specs[1:-1]] == ["dgkd", "dgkd"]
 
 
 def test_one_teacher_and_one_ta_chain_per_method_for_the_whole_study(compose):
@@ -79,7 +84,8 @@ def test_one_teacher_and_one_ta_chain_per_method_for_the_whole_study(compose):
         return stage_keys(compose(f"+experiment={recipe(method)}", *over, "trainer.precision=32-true"))
 
     dgkd = keys("dgkd", "gap.width=1.0", "seed=0")
-    for other in (keys("dgkd", "gap.width=0.5", "seed=4"), keys("sdgkd", "gap.width=0.5", "seed=2")):
+    for other in (keys("dgkd", "gap.width=0.5", "seed=4"), keys("sdgkd", "gap.width=0.5", "seed=2"),
+                  keys("dgkd_mean", "gap.width=1.0", "seed=0")):
         assert {k: other[k] for k in ("teacher", "ta1", "ta2")} == {k: dgkd[k] for k in ("teacher", "ta1", "ta2")}
         assert other["student"] != dgkd["student"]
     takd = keys("takd", "gap.width=0.5", "seed=1")
@@ -114,5 +120,35 @@ def test_the_dry_run_prints_every_sweep(capsys):
     assert main(["converged", "--dry-run"]) == 0
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.startswith("python -m kdlab -m ")]
-    assert len(lines) == 10 and "90 pipeline runs" in out
+    assert len(lines) == 10 and "100 pipeline runs" in out
     assert sum("distill.temperature=20 experiment_name=conv_kd_t20_fashion_mnist" in x for x in lines) == 2
+
+
+def test_the_curves_figure_averages_each_rows_curves_over_seeds_and_draws_them():
+    from kdlab.study import curves
+
+    def row(exp, train, val, test):
+        return {"fields": {"experiment": exp}, "n": len(train), "student_test_acc_best_val_mean": test,
+                "train_curves": {"student": train}, "val_curves": {"student": val}}
+
+    rows = [row("alone", [[0.5, 0.7, 0.9], [0.7, 0.9, 0.95, 0.96]], [[0.6, 0.8, 0.8], [0.6, 0.7, 0.9]], 0.85),
+            row("kd", [[0.4, 0.8, 0.9]], [[0.5, 0.8, 0.85]], 0.86), row("other", [[0.1]], [[0.1]], 0.1)]
+    cfg = {"experiments": ["kd", "alone"], "labels": {"kd": "KD"}}
+    data = curves.series({"w1": (rows, [])}, cfg)
+    assert list(data["w1"]) == ["kd", "alone"]  # the block's order; rows it does not name are left out
+    # hand computation: the epoch-wise mean over the epochs both seeds have (3)
+    assert data["w1"]["alone"]["train"] == pytest.approx([0.6, 0.8, 0.925])
+    assert data["w1"]["alone"]["val"] == pytest.approx([0.6, 0.75, 0.85])
+    assert (data["w1"]["alone"]["test"], data["w1"]["alone"]["n"]) == (0.85, 2)
+    assert curves.plot(data, cfg)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_curves_block_naming_an_experiment_the_study_does_not_run_is_one_clear_error(tmp_path):
+    from kdlab.errors import ConfigError
+
+    text = (ROOT / "studies" / "converged.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("experiments: [conv_alone_fashion_mnist, conv_kd_fashion_mnist, conv_takd",
+                                "experiments: [conv_nope_fashion_mnist, conv_kd_fashion_mnist, conv_takd"))
+    with pytest.raises(ConfigError, match="curves experiment 'conv_nope_fashion_mnist' is not run by the study"):
+        study_config.load_study(str(bad))
