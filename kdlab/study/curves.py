@@ -67,16 +67,19 @@ def plot(data: dict[str, dict[str, dict]], cfg: dict[str, Any]) -> bytes:
                 ax.plot(range(1, len(s["train"]) + 1), [100 * v for v in s["train"]], "--", color=color, lw=1.6,
                         label=f"{name}: training")
             if s["test"] is not None:
-                ax.axhline(100 * s["test"], color=color, ls=":", lw=1.4, label=f"{name}: test ({100 * s['test']:.2f})")
+                ax.axhline(100 * s["test"], color=color, ls=":", lw=1.4, label=f"{name}: test")
         ax.set_title(str((cfg.get("parts") or {}).get(part, part)), fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right")
     axes[0][0].set_ylabel("accuracy (%), mean over seeds")
-    lo = min(100 * v for p in data.values() for s in p.values() for k in ("train", "val") for v in s[k][len(s[k]) // 4:])
+    lo = min((100 * v for p in data.values() for s in p.values() for k in ("train", "val")
+              for v in s[k][len(s[k]) // 4:]), default=0.0)
     axes[0][0].set_ylim(max(0.0, lo - 2), None)  # the first quarter (lr 0.05, far below) would flatten the end
     fig.suptitle(textwrap.fill(str(cfg.get("title") or "training and validation curves"), 120), fontsize=9)
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()  # one legend below the panels: the curves' ends free
+    fig.legend(handles, names, loc="lower center", ncol=len(data[parts[0]]), fontsize=7, frameon=False)
+    rows = 3  # a legend row per kind of line (validation, training, test)
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
