@@ -149,6 +149,19 @@ def source_view_cache(ctx: RunContext, record: StageRecord, model: nn.Module, ta
     if cached is not None:
         log.info("view cache of source %s: read from the store", record.key)
         return cached
+    # one process computes it: a sweep's jobs that need the same source's views at once (two TAs taught by one
+    # teacher) wait here for the first, then read what it stored
+    with ctx.store.lock(f"{record.key}-views-{data_key}", label=f"{record.key}'s view cache"):
+        cached = ctx.store.load_view_cache(record.key, data_key)
+        if cached is not None:
+            log.info("view cache of source %s: read from the store (computed by another process)", record.key)
+            return cached
+        return compute_view_cache(ctx, record, model, taps, data_key)
+
+
+def compute_view_cache(ctx: RunContext, record: StageRecord, model: nn.Module, taps: list[str],
+                       data_key: str) -> ViewCache:
+    """Compute a source's view cache and store it (the caller holds its lock)."""
     space = require_view_space(ctx.dm)
     n = int(ctx.dm.train_size)
     codec, features = view_codec(ctx), feature_layout(ctx, model, taps)

@@ -455,3 +455,38 @@ def test_ddp_ranks_read_the_view_caches_rank_0_computed(tmp_path):
     manifests = sorted(store.glob("*/cache/*.views.json"))
     assert len(manifests) == 4  # run 1: teacher's and ta1's fp16; run 2: teacher's and its (other) ta1's top-3
     assert not list(store.rglob("*.tmp-*"))
+
+
+def test_two_processes_needing_one_sources_views_at_once_compute_them_once(dm, tmp_path, monkeypatch):
+    """Two jobs of a sweep (here two threads, each with its own store object: the lock is a file lock) that need
+    the same source's view cache at the same time: the first computes it, the second waits and reads it."""
+    import threading
+    import time
+
+    calls = []
+    real = source_cache.compute_views
+
+    def slow(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough that the other job asks meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(source_cache, "compute_views", slow)
+    srcs = sources(1)
+    tables, errors = [], []
+
+    def job():
+        try:
+            tables.append(view_tables(context(dm, tmp_path / "store"), srcs)["teacher"])
+        except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors and len(tables) == 2, errors
+    assert len(calls) == 1  # computed once; without the lock both jobs computed it
+    idx, views = torch.tensor([0, 5, 9]), torch.tensor([0, 7, 49])
+    assert torch.equal(tables[0].lookup(idx, views)[0], tables[1].lookup(idx, views)[0])
